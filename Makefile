@@ -1,0 +1,28 @@
+# Two entry points: `make bench` runs the benchmark, `make test` runs the test suite.
+# Each creates the virtual environment $(VENV) when it is missing and installs the package into it.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.inhibmoe_fast-installed
+ARGS ?=
+
+.PHONY: bench test install clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install setuptools wheel ninja
+	$(PY) -m pip install torch
+	$(PY) -m pip install --no-build-isolation -e '.[bench,dev]'
+	touch $@
+
+bench: $(STAMP)
+	$(PY) -m inhibmoe_fast.bench $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf build *.egg-info $(STAMP)

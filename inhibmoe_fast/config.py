@@ -1,0 +1,117 @@
+"""Options of the inhibited MoE layer and their validation.
+
+Every layer (reference and fast) is built from one :class:`MoEConfig`, so the
+rules for valid options live in one place and every error names the argument,
+the value it got and what is expected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Tuple
+
+INHIBITIONS = ("none", "dropout", "local", "global")
+SCORES = ("softmax", "sigmoid")
+ACTIVATIONS = ("swiglu", "gelu", "relu")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; expected one of {', '.join(map(repr, choices))}")
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid; expected a positive integer")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Shapes and options of an inhibited MoE layer.
+
+    Attributes:
+        dim: model width ``D`` (last dimension of the input and the output).
+        hidden_dim: hidden width ``F`` of each expert MLP.
+        num_experts: number of experts ``E``.
+        top_k: experts chosen per token, ``1 <= top_k <= num_experts``.
+        inhibition: ``"none"``, ``"dropout"``, ``"local"`` or ``"global"``.
+        gate_rank: rank ``r`` of the low-rank inhibition gate ``W_g = U V``; ``None`` for a full ``D x D`` gate.
+        context_dims: feature widths of the context sources of global inhibition.
+        dropout_p: drop probability of the ``"dropout"`` inhibition.
+        score: ``"softmax"`` or ``"sigmoid"`` router scores.
+        renormalize: divide the selected scores by their sum.
+        capacity_factor: keep at most ``ceil(c * N * k / E)`` (token, slot) pairs per expert; ``None`` drops nothing.
+        activation: ``"swiglu"``, ``"gelu"`` or ``"relu"``.
+        expert_bias: give the expert projections biases.
+        router_bias: give the router a bias.
+        inhibit_experts: feed the experts the gated input ``u`` instead of ``x``.
+        load_balance_coef: weight of the load-balancing loss in ``aux.loss``.
+        z_loss_coef: weight of the router z-loss in ``aux.loss``.
+    """
+
+    dim: int
+    hidden_dim: int
+    num_experts: int
+    top_k: int = 2
+    inhibition: str = "local"
+    gate_rank: int | None = None
+    context_dims: Tuple[int, ...] = field(default_factory=tuple)
+    dropout_p: float = 0.75
+    score: str = "softmax"
+    renormalize: bool = True
+    capacity_factor: float | None = None
+    activation: str = "swiglu"
+    expert_bias: bool = False
+    router_bias: bool = True
+    inhibit_experts: bool = False
+    load_balance_coef: float = 0.0
+    z_loss_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_positive_int("dim", self.dim)
+        _check_positive_int("hidden_dim", self.hidden_dim)
+        _check_positive_int("num_experts", self.num_experts)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise ValueError(f"top_k={self.top_k!r} is invalid; expected an integer")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"top_k={self.top_k} is out of range for num_experts={self.num_experts}; "
+                f"expected 1 <= top_k <= num_experts"
+            )
+        _check_choice("inhibition", self.inhibition, INHIBITIONS)
+        _check_choice("score", self.score, SCORES)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        if self.gate_rank is not None:
+            _check_positive_int("gate_rank", self.gate_rank)
+            if self.inhibition not in ("local", "global"):
+                raise ValueError(
+                    f"gate_rank={self.gate_rank} needs inhibition='local' or 'global', got inhibition={self.inhibition!r}"
+                )
+        dims = tuple(self.context_dims)
+        object.__setattr__(self, "context_dims", dims)
+        for i, width in enumerate(dims):
+            _check_positive_int(f"context_dims[{i}]", width)
+        if dims and self.inhibition != "global":
+            raise ValueError(f"context_dims={dims} needs inhibition='global', got inhibition={self.inhibition!r}")
+        if not (isinstance(self.dropout_p, (int, float)) and 0.0 <= self.dropout_p < 1.0):
+            raise ValueError(f"dropout_p={self.dropout_p!r} is invalid; expected 0 <= dropout_p < 1")
+        if self.capacity_factor is not None:
+            c = self.capacity_factor
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
+                raise ValueError(f"capacity_factor={c!r} is invalid; expected a finite number > 0 or None")
+        for name in ("load_balance_coef", "z_loss_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name}={value!r} is invalid; expected a finite number >= 0")
+
+    @property
+    def has_gate(self) -> bool:
+        """Whether the layer has a learned inhibition gate."""
+        return self.inhibition in ("local", "global")
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Return the maximum number of (token, slot) pairs per expert for ``num_tokens`` tokens."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)

@@ -72,6 +72,27 @@ class _GroupedLinear(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
+class _BatchedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return torch.bmm(x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad_y, weight) if ctx.needs_input_grad[0] else None
+        # Computing grad_y^T x (not x^T grad_y) writes the [E, out, in] gradient in the
+        # weight's own layout, so no transposing copy follows.
+        grad_w = torch.bmm(grad_y.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
+def batched_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Apply ``weight[e] [out, in]`` to ``x[e] [C, in]`` for every expert ``e``; return ``[E, C, out]``."""
+    return _BatchedLinear.apply(x, weight)
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: List[int], offsets: torch.Tensor) -> torch.Tensor:
     """Apply ``weight[g] [out, in]`` to the rows ``ends[g-1]:ends[g]`` of ``x [M, in]``.
 

@@ -135,8 +135,8 @@ def moe_forward(layer: MoEParameters, x: torch.Tensor, context):
         if capacity is not None:
             tokens, slots = tokens[:capacity], slots[:capacity]
         kept[tokens, slots] = True
-        if tokens.numel():
-            pair_out = pair_out.index_put((tokens, slots), expert_mlp(layer, e, expert_input[tokens]))
+        # An expert with no tokens still runs (on zero rows), so its gradients are zeros, not None.
+        pair_out = pair_out.index_put((tokens, slots), expert_mlp(layer, e, expert_input[tokens]))
 
     y = x.new_zeros(num_tokens, cfg.dim, dtype=dtype)
     for j in range(k):

@@ -5,11 +5,13 @@ loop over experts in the autograd graph:
 
 - top-k through ``torch.topk``, with a stable sort only for the rows where a
   tie or a NaN makes the order of ``topk`` unspecified;
-- dispatch by one stable sort of the ``N * k`` expert ids, so each expert's
-  pairs are contiguous and in token order;
-- experts as grouped matrix multiplies over those contiguous rows
-  (:func:`~inhibmoe_fast.grouped.grouped_linear`);
-- combine by scattering the expert rows back to ``[N, k, D]`` and summing the
+- dispatch by one stable sort of the ``N * k`` expert ids
+  (:mod:`~inhibmoe_fast.dispatch`), so each expert's pairs are contiguous and
+  in token order;
+- experts as one batched matrix multiply over rows padded to the largest
+  expert when the load is balanced enough, as grouped matrix multiplies
+  (:func:`~inhibmoe_fast.grouped.grouped_linear`) otherwise;
+- combine by gathering the expert rows back to ``[N, k, D]`` and summing the
   weighted slots in slot order.
 """
 
@@ -20,7 +22,8 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import MoEConfig
-from .grouped import grouped_linear
+from .dispatch import DispatchPlan, gather_tokens, plan_dispatch, scatter_pairs
+from .grouped import batched_linear, grouped_linear
 from .outputs import MoEAux
 from .parameters import MoEParameters
 from .reference import auxiliary_losses, routing_dtype, scores_from_logits
@@ -65,54 +68,40 @@ def select_experts(cfg: MoEConfig, scores: torch.Tensor):
     return ids, weights
 
 
-def dispatch(cfg: MoEConfig, ids: torch.Tensor):
-    """Group the ``N * k`` (token, slot) pairs by expert.
-
-    Returns ``(pairs, counts, kept_counts, kept)``: ``pairs`` are the flat pair
-    numbers ``token * k + slot`` of the kept pairs, grouped by expert and in
-    token order inside each group; ``counts`` the routed pairs per expert;
-    ``kept_counts`` the pairs per expert after the capacity limit; ``kept`` the
-    ``[N, k]`` mask of kept pairs.
-    """
-    num_tokens, k = ids.shape
-    flat = ids.reshape(-1)
-    pairs = torch.sort(flat, stable=True).indices
-    counts = torch.bincount(flat, minlength=cfg.num_experts)
-    capacity = cfg.capacity(num_tokens)
-    if capacity is None or capacity >= num_tokens * k:
-        return pairs, counts, counts, torch.ones_like(ids, dtype=torch.bool)
-    starts = torch.cumsum(counts, 0) - counts
-    rank_in_expert = torch.arange(pairs.numel(), device=ids.device) - starts[flat[pairs]]
-    pairs = pairs[rank_in_expert < capacity]
-    kept = torch.zeros(num_tokens * k, dtype=torch.bool, device=ids.device)
-    kept[pairs] = True
-    return pairs, counts, counts.clamp(max=capacity), kept.view(num_tokens, k)
+# The padded layout is used while its buffer has at most this many rows per kept pair.
+PADDED_LAYOUT_MAX_RATIO = 1.3
 
 
-def _expert_bias(rows: torch.Tensor, bias, expert_of_row):
-    return rows if bias is None else rows + bias.index_select(0, expert_of_row)
+def _linear(rows, weight, bias, plan: DispatchPlan, ends, offsets, expert_of_row):
+    """Apply each expert's ``weight [E, out, in]`` (and ``bias [E, out]``) to its rows."""
+    if plan.layout == "padded":
+        out = batched_linear(rows.view(weight.shape[0], -1, rows.shape[-1]), weight)
+        if bias is not None:
+            out = out + bias.unsqueeze(1)
+        return out.view(-1, weight.shape[1])
+    out = grouped_linear(rows, weight, ends, offsets)
+    return out if bias is None else out + bias.index_select(0, expert_of_row)
 
 
-def experts(layer: MoEParameters, rows: torch.Tensor, kept_counts: torch.Tensor) -> torch.Tensor:
-    """Run the experts on ``rows [M, D]`` grouped by expert, ``kept_counts[e]`` rows each."""
+def experts(layer: MoEParameters, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Run every expert MLP on its rows of ``rows [R, D]`` (laid out as ``plan`` says); return ``[R, D]``."""
     cfg = layer.config
-    ends_tensor = torch.cumsum(kept_counts, 0)
-    ends = ends_tensor.tolist()
-    offsets = ends_tensor.to(torch.int32)
-    expert_of_row = None
-    if cfg.expert_bias:
-        expert_of_row = torch.repeat_interleave(torch.arange(cfg.num_experts, device=rows.device), kept_counts)
+    ends = offsets = expert_of_row = None
+    if plan.layout == "grouped":
+        ends_tensor = torch.cumsum(plan.kept_counts, 0)
+        ends, offsets = ends_tensor.tolist(), ends_tensor.to(torch.int32)
+        if cfg.expert_bias:
+            expert_of_row = torch.repeat_interleave(torch.arange(cfg.num_experts, device=rows.device), plan.kept_counts)
+    plan_args = (plan, ends, offsets, expert_of_row)
 
-    up = _expert_bias(grouped_linear(rows, layer.expert_up, ends, offsets), layer.expert_up_bias, expert_of_row)
+    up = _linear(rows, layer.expert_up, layer.expert_up_bias, *plan_args)
     if cfg.activation == "swiglu":
-        gate = grouped_linear(rows, layer.expert_gate, ends, offsets)
-        hidden = F.silu(_expert_bias(gate, layer.expert_gate_bias, expert_of_row)) * up
+        hidden = F.silu(_linear(rows, layer.expert_gate, layer.expert_gate_bias, *plan_args)) * up
     elif cfg.activation == "gelu":
         hidden = F.gelu(up)
     else:
         hidden = F.relu(up)
-    out = grouped_linear(hidden, layer.expert_down, ends, offsets)
-    return _expert_bias(out, layer.expert_down_bias, expert_of_row)
+    return _linear(hidden, layer.expert_down, layer.expert_down_bias, *plan_args)
 
 
 def moe_forward(layer: MoEParameters, x: torch.Tensor, context):
@@ -127,18 +116,16 @@ def moe_forward(layer: MoEParameters, x: torch.Tensor, context):
         logits = logits + layer.router_bias.to(dtype)
     scores = scores_from_logits(cfg, logits)
     ids, weights = select_experts(cfg, scores)
-    pairs, counts, kept_counts, kept = dispatch(cfg, ids)
 
-    expert_input = u if cfg.inhibit_experts else x
-    rows = expert_input.index_select(0, torch.div(pairs, k, rounding_mode="floor"))
-    expert_out = experts(layer, rows, kept_counts)
+    plan = plan_dispatch(ids, cfg.num_experts, cfg.capacity(num_tokens), PADDED_LAYOUT_MAX_RATIO)
+    rows = gather_tokens(u if cfg.inhibit_experts else x, plan, k)
+    pair_out = scatter_pairs(experts(layer, rows, plan), plan).view(num_tokens, k, dim)
 
-    # Scatter the expert rows back to their (token, slot) place; dropped pairs stay zero.
-    pair_out = expert_out.new_zeros(num_tokens * k, dim).index_copy(0, pairs, expert_out).view(num_tokens, k, dim)
-    slot_weights = weights if bool(kept.all()) else torch.where(kept, weights, torch.zeros_like(weights))
-    y = slot_weights[:, 0, None] * pair_out[:, 0].to(dtype)
-    for j in range(1, k):
-        y = y + slot_weights[:, j, None] * pair_out[:, j].to(dtype)
+    # Dropped pairs have zero rows; a zero weight keeps a NaN weight from reaching them.
+    slot_weights = weights if plan.all_kept else torch.where(plan.kept, weights, torch.zeros_like(weights))
+    # The sum over the slot dimension adds the weighted slots in slot order.
+    y = (pair_out.to(dtype) * slot_weights.unsqueeze(-1)).sum(dim=1)
 
-    load_balance, z_loss, loss = auxiliary_losses(cfg, logits, scores, counts)
-    return y.to(x.dtype), MoEAux(logits, ids, weights, counts, kept, load_balance, z_loss, loss)
+    load_balance, z_loss, loss = auxiliary_losses(cfg, logits, scores, plan.counts)
+    aux = MoEAux(logits, ids, weights, plan.counts, plan.kept, load_balance, z_loss, loss)
+    return y.to(x.dtype), aux

@@ -1,0 +1,120 @@
+"""The module API: shapes, backends, state_dict exchange and auxiliary outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inhibmoe_fast import InhibitedMoE, MoEAux, ReferenceMoE
+
+OPTION_SETS = [
+    dict(inhibition="none"),
+    dict(inhibition="local", gate_rank=3, expert_bias=True),
+    dict(inhibition="global", context_dims=(5, 2), activation="gelu", router_bias=False),
+]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
+def test_state_dict_round_trip(options):
+    torch.manual_seed(0)
+    fast = InhibitedMoE(8, 6, 4, 2, **options)
+    reference = ReferenceMoE(8, 6, 4, 2, **options)
+    assert fast.state_dict().keys() == reference.state_dict().keys()
+    reference.load_state_dict(fast.state_dict())
+    copy = InhibitedMoE(8, 6, 4, 2, **options)
+    copy.load_state_dict(reference.state_dict())
+    for name, value in fast.state_dict().items():
+        assert torch.equal(copy.state_dict()[name], value), name
+    x = torch.randn(5, 8)
+    assert torch.allclose(copy(x), reference(x), atol=1e-6)
+
+
+def test_parameter_names_and_shapes():
+    layer = InhibitedMoE(8, 6, 4, 2, inhibition="global", gate_rank=3, context_dims=(5,), expert_bias=True)
+    shapes = {name: tuple(p.shape) for name, p in layer.named_parameters()}
+    assert shapes == {
+        "inhibit_u": (8, 3),
+        "inhibit_v": (3, 8),
+        "inhibit_bias": (8,),
+        "context_weights.0": (8, 5),
+        "router_weight": (4, 8),
+        "router_bias": (4,),
+        "expert_up": (4, 6, 8),
+        "expert_gate": (4, 6, 8),
+        "expert_down": (4, 8, 6),
+        "expert_up_bias": (4, 6),
+        "expert_gate_bias": (4, 6),
+        "expert_down_bias": (4, 8),
+    }
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+def test_any_leading_shape(backend):
+    torch.manual_seed(0)
+    layer = InhibitedMoE(8, 6, 4, 2, backend=backend)
+    for shape in [(8,), (3, 8), (2, 3, 8), (2, 1, 3, 8)]:
+        x = torch.randn(shape)
+        y = layer(x)
+        tokens = x.numel() // 8
+        assert y.shape == x.shape
+        assert isinstance(layer.aux, MoEAux)
+        assert layer.aux.ids.shape == (tokens, 2)
+        assert layer.aux.logits.shape == (tokens, 4)
+        assert layer.aux.counts.shape == (4,)
+
+
+def test_strided_input_matches_contiguous():
+    torch.manual_seed(0)
+    layer = InhibitedMoE(8, 6, 4, 2)
+    base = torch.randn(16, 10)
+    x = base[::2, 1:9]
+    assert not x.is_contiguous()
+    assert torch.equal(layer(x), layer(x.contiguous()))
+
+
+def test_auto_backend_on_cpu_is_torch():
+    layer = InhibitedMoE(8, 6, 4, 2)
+    assert layer.resolved_backend(torch.device("cpu")) == "torch"
+
+
+def test_aux_losses_values():
+    torch.manual_seed(0)
+    layer = InhibitedMoE(8, 6, 4, 2, inhibition="none", load_balance_coef=0.5, z_loss_coef=0.25)
+    x = torch.randn(20, 8)
+    layer(x)
+    aux = layer.aux
+    probs = torch.softmax(aux.logits, dim=-1)
+    fraction = torch.bincount(aux.ids.reshape(-1), minlength=4).float() / 40
+    expected_balance = 4 * (fraction * probs.mean(0)).sum()
+    expected_z = torch.logsumexp(aux.logits, dim=-1).square().mean()
+    assert torch.allclose(aux.load_balance_loss, expected_balance)
+    assert torch.allclose(aux.z_loss, expected_z)
+    assert torch.allclose(aux.loss, 0.5 * expected_balance + 0.25 * expected_z)
+
+
+def test_aux_loss_trains_router():
+    torch.manual_seed(0)
+    layer = InhibitedMoE(8, 6, 4, 2, inhibition="local", load_balance_coef=1.0)
+    layer(torch.randn(20, 8))
+    layer.aux.loss.backward()
+    assert layer.router_weight.grad.abs().sum() > 0
+    assert layer.inhibit_weight.grad.abs().sum() > 0
+
+
+def test_low_rank_gate_matches_full_gate():
+    torch.manual_seed(0)
+    low_rank = InhibitedMoE(8, 6, 4, 2, inhibition="local", gate_rank=3, dtype=torch.float64)
+    full = InhibitedMoE(8, 6, 4, 2, inhibition="local", dtype=torch.float64)
+    state = {k: v for k, v in low_rank.state_dict().items() if not k.startswith("inhibit_")}
+    state["inhibit_weight"] = low_rank.inhibit_u @ low_rank.inhibit_v
+    state["inhibit_bias"] = low_rank.inhibit_bias
+    full.load_state_dict(state)
+    x = torch.randn(7, 8, dtype=torch.float64)
+    assert torch.allclose(low_rank(x), full(x), atol=1e-12)
+
+
+def test_layer_moves_dtype():
+    layer = InhibitedMoE(8, 6, 4, 2).to(torch.float64)
+    y = layer(torch.randn(3, 8, dtype=torch.float64))
+    assert y.dtype == torch.float64
+    assert layer.aux.logits.dtype == torch.float64

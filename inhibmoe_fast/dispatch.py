@@ -107,15 +107,16 @@ class _GatherTokens(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, plan: DispatchPlan, k: int):
-        ctx.plan, ctx.k = plan, k
+        ctx.save_for_backward(plan.row_of_pair)
+        ctx.k, ctx.all_kept = k, plan.all_kept
         token_of_row = torch.div(plan.pair_of_row, k, rounding_mode="floor")
         return _select_rows(x, token_of_row, plan.has_padding)
 
     @staticmethod
     def backward(ctx, grad_rows):
-        plan = ctx.plan
+        (row_of_pair,) = ctx.saved_tensors
         # Each token collects the gradients of its k slots, summed in slot order.
-        grad = _select_rows(grad_rows, plan.row_of_pair, not plan.all_kept)
+        grad = _select_rows(grad_rows, row_of_pair, not ctx.all_kept)
         return grad.view(-1, ctx.k, grad.shape[-1]).sum(dim=1), None, None
 
 
@@ -124,13 +125,14 @@ class _ScatterPairs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, plan: DispatchPlan):
-        ctx.plan = plan
+        ctx.save_for_backward(plan.pair_of_row)
+        ctx.has_padding = plan.has_padding
         return _select_rows(rows, plan.row_of_pair, not plan.all_kept)
 
     @staticmethod
     def backward(ctx, grad_pairs):
-        plan = ctx.plan
-        return _select_rows(grad_pairs, plan.pair_of_row, plan.has_padding), None
+        (pair_of_row,) = ctx.saved_tensors
+        return _select_rows(grad_pairs, pair_of_row, ctx.has_padding), None
 
 
 def gather_tokens(x: torch.Tensor, plan: DispatchPlan, k: int) -> torch.Tensor:

@@ -3,8 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+
+@dataclass
+class Routing:
+    """Result of the routing step of one call (``N`` tokens, ``E`` experts, ``k`` per token).
+
+    Attributes:
+        logits: router logits ``[N, E]`` in the routing dtype.
+        ids: chosen experts ``[N, k]`` (int64), best score first, ties to the lower index.
+        weights: combine weights ``[N, k]`` in the routing dtype.
+        scores: router scores ``[N, E]``, or ``None`` when the router did not keep them.
+        gated_input: the router input ``u [N, D]``, or ``None`` when the router did not keep it.
+    """
+
+    logits: torch.Tensor
+    ids: torch.Tensor
+    weights: torch.Tensor
+    scores: Optional[torch.Tensor] = None
+    gated_input: Optional[torch.Tensor] = None
 
 
 @dataclass

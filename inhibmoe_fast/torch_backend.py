@@ -17,6 +17,8 @@ loop over experts in the autograd graph:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +26,7 @@ from . import ops
 from .config import MoEConfig
 from .dispatch import DispatchPlan, gather_tokens, plan_dispatch, scatter_pairs
 from .grouped import batched_linear, grouped_linear
-from .outputs import MoEAux
+from .outputs import MoEAux, Routing
 from .parameters import MoEParameters
 from .reference import auxiliary_losses, routing_dtype, scores_from_logits
 
@@ -104,27 +106,42 @@ def experts(layer: MoEParameters, rows: torch.Tensor, plan: DispatchPlan) -> tor
     return _linear(hidden, layer.expert_down, layer.expert_down_bias, *plan_args)
 
 
-def moe_forward(layer: MoEParameters, x: torch.Tensor, context):
-    """Run the whole layer on ``x [N, D]``; return ``(y [N, D], aux)``."""
+def route(layer: MoEParameters, x: torch.Tensor, context) -> Routing:
+    """Route tokens ``x [N, D]``: inhibition gate, router logits, scores and top-k."""
     cfg = layer.config
-    num_tokens, k, dim = x.shape[0], cfg.top_k, cfg.dim
     dtype = routing_dtype(x.dtype)
-
     u = inhibit(layer, x, context)
     logits = u.to(dtype) @ layer.router_weight.to(dtype).t()
     if layer.router_bias is not None:
         logits = logits + layer.router_bias.to(dtype)
     scores = scores_from_logits(cfg, logits)
     ids, weights = select_experts(cfg, scores)
+    return Routing(logits, ids, weights, scores, u)
+
+
+def moe_forward(layer: MoEParameters, x: torch.Tensor, context, router: Callable[..., Routing] = route):
+    """Run the whole layer on ``x [N, D]``; return ``(y [N, D], aux)``.
+
+    ``router`` computes the routing (:func:`route` by default); the dispatch,
+    experts and combine that follow are those of this module.
+    """
+    cfg = layer.config
+    num_tokens, k, dim = x.shape[0], cfg.top_k, cfg.dim
+    routing = router(layer, x, context)
+    logits, ids, weights = routing.logits, routing.ids, routing.weights
+    scores = routing.scores if routing.scores is not None else scores_from_logits(cfg, logits)
+    expert_input = x
+    if cfg.inhibit_experts:
+        expert_input = routing.gated_input if routing.gated_input is not None else inhibit(layer, x, context)
 
     plan = plan_dispatch(ids, cfg.num_experts, cfg.capacity(num_tokens), PADDED_LAYOUT_MAX_RATIO)
-    rows = gather_tokens(u if cfg.inhibit_experts else x, plan, k)
+    rows = gather_tokens(expert_input, plan, k)
     pair_out = scatter_pairs(experts(layer, rows, plan), plan).view(num_tokens, k, dim)
 
     # Dropped pairs have zero rows; a zero weight keeps a NaN weight from reaching them.
     slot_weights = weights if plan.all_kept else torch.where(plan.kept, weights, torch.zeros_like(weights))
     # The sum over the slot dimension adds the weighted slots in slot order.
-    y = (pair_out.to(dtype) * slot_weights.unsqueeze(-1)).sum(dim=1)
+    y = (pair_out.to(logits.dtype) * slot_weights.unsqueeze(-1)).sum(dim=1)
 
     load_balance, z_loss, loss = auxiliary_losses(cfg, logits, scores, plan.counts)
     aux = MoEAux(logits, ids, weights, plan.counts, plan.kept, load_balance, z_loss, loss)

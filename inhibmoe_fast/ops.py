@@ -6,14 +6,39 @@ tokens of a layer. Row window ``i`` is
 ``n_out > N_in``), and values and indices equal those of
 ``torch.nn.functional.adaptive_max_pool1d`` over the rows, ties and NaN
 included. The gradient sends each output gradient to the row its index names.
+
+Both functions run the compiled operators ``torch.ops.inhibmoe_fast.maxpool_align``
+and ``maxpool_align_multi`` (C++/CUDA extension ``inhibmoe_fast._C``). When the
+extension is missing, they fall back to ``adaptive_max_pool1d`` and warn once.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from . import _maxpool_op
+
+_fallback_warned = False
+
+
+def _use_extension() -> bool:
+    """Return True when the compiled operators are loaded; else warn once and return False."""
+    global _fallback_warned
+    if _maxpool_op.AVAILABLE:
+        return True
+    if not _fallback_warned:
+        _fallback_warned = True
+        warnings.warn(
+            f"inhibmoe_fast._C failed to import ({_maxpool_op.IMPORT_ERROR}); maxpool_align falls back to "
+            "torch.nn.functional.adaptive_max_pool1d, which is slower. Reinstall the package to build the extension.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
 
 
 def _check_source(x, n_out: int, name: str) -> torch.Tensor:
@@ -23,14 +48,15 @@ def _check_source(x, n_out: int, name: str) -> torch.Tensor:
         raise TypeError(f"{name} has dtype {x.dtype}; maxpool_align needs a floating dtype")
     if x.dim() < 1:
         raise ValueError(f"{name} is a 0-d tensor; expected shape [..., C]")
-    rows = x.reshape(-1, x.shape[-1]) if x.shape[-1] > 0 else x.reshape(-1, 0)
+    # flatten rather than reshape(-1, C), which cannot infer the row count when C == 0.
+    rows = x.unsqueeze(0) if x.dim() == 1 else x.flatten(0, -2)
     if rows.shape[0] == 0:
         raise ValueError(f"{name} has shape {tuple(x.shape)}, i.e. N_in=0 rows; maxpool_align needs at least one row")
     return rows
 
 
 def _check_n_out(n_out) -> int:
-    if isinstance(n_out, bool) or not isinstance(n_out, int) or n_out < 0:
+    if isinstance(n_out, bool) or not isinstance(n_out, (int, torch.SymInt)) or n_out < 0:
         raise ValueError(f"n_out={n_out!r} is invalid; expected an integer >= 0")
     return n_out
 
@@ -55,6 +81,8 @@ def maxpool_align(x: torch.Tensor, n_out: int) -> Tuple[torch.Tensor, torch.Tens
     """
     n_out = _check_n_out(n_out)
     rows = _check_source(x, n_out, "x")
+    if _use_extension():
+        return torch.ops.inhibmoe_fast.maxpool_align(rows, n_out)
     return _maxpool_align_torch(rows, n_out)
 
 
@@ -76,5 +104,7 @@ def maxpool_align_multi(sources: Sequence[torch.Tensor], n_out: int) -> Tuple[to
                 f"sources[{i}] is {r.dtype} on {r.device} but sources[0] is {rows[0].dtype} on {rows[0].device}; "
                 "all sources must share one dtype and device"
             )
+    if _use_extension():
+        return torch.ops.inhibmoe_fast.maxpool_align_multi(rows, n_out)
     pooled = [_maxpool_align_torch(r, n_out) for r in rows]
     return torch.cat([v for v, _ in pooled], dim=1), torch.cat([i for _, i in pooled], dim=1)

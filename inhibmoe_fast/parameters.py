@@ -15,14 +15,16 @@ name                  shape          present when
 ``context_weights.s`` ``[D, D_s]``   global inhibition, one per context source
 ``router_weight``     ``[E, D]``     always
 ``router_bias``       ``[E]``        ``router_bias=True``
-``expert_up``         ``[E, F, D]``  always
-``expert_gate``       ``[E, F, D]``  ``activation="swiglu"``
+``expert_up``         ``[E, U, D]``  always
 ``expert_down``       ``[E, D, F]``  always
-``expert_up_bias``    ``[E, F]``     ``expert_bias=True`` (also ``expert_gate_bias``)
+``expert_up_bias``    ``[E, U]``     ``expert_bias=True``
 ``expert_down_bias``  ``[E, D]``     ``expert_bias=True``
 ===================== ============== ==========================================
 
-Weights use the ``nn.Linear`` layout ``[out, in]`` per expert.
+Weights use the ``nn.Linear`` layout ``[out, in]`` per expert. The up
+projection has ``U = 2F`` outputs for SwiGLU, the gate projection in rows
+``0 .. F-1`` and the linear branch in rows ``F .. 2F-1`` (``silu(gate) * up``),
+so both run as one matrix multiply; ``U = F`` for GELU and ReLU.
 """
 
 from __future__ import annotations
@@ -74,15 +76,14 @@ class MoEParameters(nn.Module):
         self.router_weight = _uniform((E, D), D, **factory)
         self.router_bias = nn.Parameter(torch.zeros(E, **factory)) if cfg.router_bias else None
 
-        self.expert_up = _uniform((E, F, D), D, **factory)
-        self.expert_gate = _uniform((E, F, D), D, **factory) if cfg.activation == "swiglu" else None
+        up_width = 2 * F if cfg.activation == "swiglu" else F
+        self.expert_up = _uniform((E, up_width, D), D, **factory)
         self.expert_down = _uniform((E, D, F), F, **factory)
         if cfg.expert_bias:
-            self.expert_up_bias = nn.Parameter(torch.zeros(E, F, **factory))
-            self.expert_gate_bias = nn.Parameter(torch.zeros(E, F, **factory)) if cfg.activation == "swiglu" else None
+            self.expert_up_bias = nn.Parameter(torch.zeros(E, up_width, **factory))
             self.expert_down_bias = nn.Parameter(torch.zeros(E, D, **factory))
         else:
-            self.expert_up_bias = self.expert_gate_bias = self.expert_down_bias = None
+            self.expert_up_bias = self.expert_down_bias = None
 
         self.aux = None
 

@@ -13,7 +13,8 @@ The layer, for tokens ``x [N, D]``:
    scores, divided by their sum when ``renormalize``.
 4. Dispatch: the (token, slot) pairs of each expert in token order; with a
    capacity, only the first ``ceil(c N k / E)`` pairs of each expert are kept.
-5. Experts: ``down(act(up(x)))`` with SwiGLU ``silu(gate(x)) * up(x)``, GELU or ReLU.
+5. Experts: ``down(act(up(x)))`` with GELU or ReLU, or ``down(silu(gate(x)) * up(x))``
+   with SwiGLU, where one up projection computes both ``gate(x)`` and ``up(x)``.
 6. Combine: ``y_t = sum_j w[t, j] * expert_{id[t, j]}(x_t)`` summed in slot order,
    in the routing dtype; dropped pairs contribute zero.
 
@@ -106,7 +107,8 @@ def expert_mlp(layer: MoEParameters, e: int, x: torch.Tensor) -> torch.Tensor:
 
     up = F.linear(x, layer.expert_up[e], bias("expert_up_bias"))
     if cfg.activation == "swiglu":
-        hidden = F.silu(F.linear(x, layer.expert_gate[e], bias("expert_gate_bias"))) * up
+        gate, up = up.chunk(2, dim=-1)
+        hidden = F.silu(gate) * up
     elif cfg.activation == "gelu":
         hidden = F.gelu(up)
     else:

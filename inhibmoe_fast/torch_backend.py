@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops
+from .activations import swiglu
 from .config import MoEConfig
 from .dispatch import DispatchPlan, gather_tokens, plan_dispatch, scatter_pairs
 from .grouped import batched_linear, grouped_linear
@@ -98,7 +99,7 @@ def experts(layer: MoEParameters, rows: torch.Tensor, plan: DispatchPlan) -> tor
 
     up = _linear(rows, layer.expert_up, layer.expert_up_bias, *plan_args)
     if cfg.activation == "swiglu":
-        hidden = F.silu(_linear(rows, layer.expert_gate, layer.expert_gate_bias, *plan_args)) * up
+        hidden = swiglu(up)
     elif cfg.activation == "gelu":
         hidden = F.gelu(up)
     else:

@@ -25,8 +25,8 @@ def fixed_router_layer(bias, dim=8, hidden=4, k=2, backend="torch", dtype=torch.
 
 def expert_output(layer, e, x):
     """Expert ``e`` of ``layer`` applied to rows ``x``, computed directly."""
-    up = x @ layer.expert_up[e].t()
-    hidden = torch.nn.functional.silu(x @ layer.expert_gate[e].t()) * up
+    gate, up = (x @ layer.expert_up[e].t()).chunk(2, dim=-1)
+    hidden = torch.nn.functional.silu(gate) * up
     return hidden @ layer.expert_down[e].t()
 
 

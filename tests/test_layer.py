@@ -39,11 +39,9 @@ def test_parameter_names_and_shapes():
         "context_weights.0": (8, 5),
         "router_weight": (4, 8),
         "router_bias": (4,),
-        "expert_up": (4, 6, 8),
-        "expert_gate": (4, 6, 8),
+        "expert_up": (4, 12, 8),
         "expert_down": (4, 8, 6),
-        "expert_up_bias": (4, 6),
-        "expert_gate_bias": (4, 6),
+        "expert_up_bias": (4, 12),
         "expert_down_bias": (4, 8),
     }
 

@@ -1,0 +1,35 @@
+"""SwiGLU on a fused up projection, with a backward that writes one gradient buffer.
+
+The experts compute the gate and linear branches as one ``[R, 2F]`` matrix
+``a``: ``swiglu(a) = silu(a[:, :F]) * a[:, F:]``. Slicing ``a`` under autograd
+would build two zero-filled ``[R, 2F]`` gradients and add them; here the
+backward writes both halves of one buffer in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, projected):
+        ctx.save_for_backward(projected)
+        gate, up = projected.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad_hidden):
+        (projected,) = ctx.saved_tensors
+        gate, up = projected.chunk(2, dim=-1)
+        grad = torch.empty_like(projected)
+        grad_gate, grad_up = grad.chunk(2, dim=-1)
+        torch.mul(grad_hidden, F.silu(gate), out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad_hidden * up, gate, grad_input=grad_gate)
+        return grad
+
+
+def swiglu(projected: torch.Tensor) -> torch.Tensor:
+    """Return ``silu(gate) * up`` for ``projected = [gate, up]`` split along the last dimension."""
+    return _SwiGLU.apply(projected)

@@ -72,6 +72,7 @@ class MoEConfig:
         _check_positive_int("dim", self.dim)
         _check_positive_int("hidden_dim", self.hidden_dim)
         _check_positive_int("num_experts", self.num_experts)
+
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
             raise ValueError(f"top_k={self.top_k!r} is invalid; expected an integer")
         if not 1 <= self.top_k <= self.num_experts:
@@ -79,9 +80,11 @@ class MoEConfig:
                 f"top_k={self.top_k} is out of range for num_experts={self.num_experts}; "
                 f"expected 1 <= top_k <= num_experts"
             )
+
         _check_choice("inhibition", self.inhibition, INHIBITIONS)
         _check_choice("score", self.score, SCORES)
         _check_choice("activation", self.activation, ACTIVATIONS)
+
         if self.gate_rank is not None:
             _check_positive_int("gate_rank", self.gate_rank)
             if self.inhibition not in ("local", "global"):
@@ -94,8 +97,10 @@ class MoEConfig:
             _check_positive_int(f"context_dims[{i}]", width)
         if dims and self.inhibition != "global":
             raise ValueError(f"context_dims={dims} needs inhibition='global', got inhibition={self.inhibition!r}")
+
         if not (isinstance(self.dropout_p, (int, float)) and 0.0 <= self.dropout_p < 1.0):
             raise ValueError(f"dropout_p={self.dropout_p!r} is invalid; expected 0 <= dropout_p < 1")
+
         if self.capacity_factor is not None:
             c = self.capacity_factor
             if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:

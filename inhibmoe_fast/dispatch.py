@@ -25,7 +25,7 @@ import torch
 
 @dataclass
 class DispatchPlan:
-    """Where each (token, slot) pair goes.
+    """Placement of every (token, slot) pair in the expert buffer.
 
     Attributes:
         layout: ``"grouped"`` or ``"padded"``.

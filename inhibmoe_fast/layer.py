@@ -11,7 +11,7 @@ BACKENDS = ("auto", "torch", "reference")
 
 
 class InhibitedMoE(MoEParameters):
-    """Mixture-of-Experts layer whose router sees inhibited (gated) features.
+    """Mixture-of-Experts layer whose router receives inhibited (gated) features.
 
     Use it in place of a feed-forward or MoE block: it maps ``x [..., D]`` to
     ``[..., D]``. After each call ``self.aux`` holds the routing results and the

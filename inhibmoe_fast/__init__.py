@@ -7,9 +7,10 @@ Improves Dynamic Routing and Mixture of Experts", arXiv:2507.03221).
 
 from . import ops, reference
 from .config import MoEConfig
+from .context import InhibitionContext
 from .layer import InhibitedMoE
 from .outputs import MoEAux
 from .reference import ReferenceMoE
 
-__all__ = ["InhibitedMoE", "ReferenceMoE", "MoEConfig", "MoEAux", "ops", "reference"]
+__all__ = ["InhibitedMoE", "ReferenceMoE", "InhibitionContext", "MoEConfig", "MoEAux", "ops", "reference"]
 __version__ = "0.1.0"

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import reference, torch_backend
 from .parameters import MoEParameters
 
-BACKENDS = ("auto", "torch", "reference")
+BACKENDS = ("auto", "torch", "reference", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Return whether ``import triton`` succeeds (checked once)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class InhibitedMoE(MoEParameters):
@@ -23,9 +35,12 @@ class InhibitedMoE(MoEParameters):
         hidden_dim: hidden width ``F`` of each expert.
         num_experts: number of experts ``E``.
         top_k: experts per token, ``1 <= top_k <= num_experts``.
-        backend: ``"auto"`` (the fastest available for the input's device),
-            ``"torch"`` (vectorised PyTorch) or ``"reference"`` (the plain loop
-            of :mod:`inhibmoe_fast.reference`).
+        backend: ``"auto"`` (``"triton"`` for CUDA inputs of float32, bfloat16 or
+            float16 when Triton is installed, ``"torch"`` otherwise), ``"torch"``
+            (vectorised PyTorch), ``"triton"`` (fused Triton routing kernels, then
+            the dispatch and experts of ``"torch"``; CUDA tensors, or CPU tensors
+            with ``TRITON_INTERPRET=1``) or ``"reference"`` (the plain loop of
+            :mod:`inhibmoe_fast.reference`).
         device, dtype: where and in which dtype to create the parameters.
         **options: the options of :class:`~inhibmoe_fast.config.MoEConfig`
             (``inhibition``, ``gate_rank``, ``context_dims``, ``score``, ...).
@@ -42,7 +57,7 @@ class InhibitedMoE(MoEParameters):
 
     @property
     def backend(self) -> str:
-        """The requested backend: ``"auto"``, ``"torch"`` or ``"reference"``."""
+        """The requested backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"reference"``."""
         return self._backend
 
     @backend.setter
@@ -51,15 +66,27 @@ class InhibitedMoE(MoEParameters):
             raise ValueError(f"backend={value!r} is not supported; expected one of {', '.join(map(repr, BACKENDS))}")
         self._backend = value
 
-    def resolved_backend(self, device: torch.device) -> str:
-        """Return the backend that runs for inputs on ``device``."""
-        return "torch" if self._backend == "auto" else self._backend
+    def resolved_backend(self, device: torch.device, dtype: torch.dtype | None = None) -> str:
+        """Return the backend that runs for inputs on ``device`` (and of ``dtype``, when given)."""
+        if self._backend != "auto":
+            return self._backend
+        triton_dtype = dtype in (None, torch.float32, torch.bfloat16, torch.float16)
+        if torch.device(device).type == "cuda" and triton_dtype and triton_available():
+            return "triton"
+        return "torch"
 
     def forward(self, x: torch.Tensor, context=None) -> torch.Tensor:
         """Run the layer on ``x [..., D]``; ``context`` is one tensor or ``None`` per context source."""
         tokens, sources = self.check_input(x, context)
-        implementation = reference if self.resolved_backend(x.device) == "reference" else torch_backend
-        y, self.aux = implementation.moe_forward(self, tokens, sources)
+        backend = self.resolved_backend(x.device, x.dtype)
+        if backend == "triton":
+            # Imported here so that TRITON_INTERPRET may be set after inhibmoe_fast is imported.
+            from .routing import triton_route
+
+            y, self.aux = torch_backend.moe_forward(self, tokens, sources, router=triton_route)
+        else:
+            implementation = reference if backend == "reference" else torch_backend
+            y, self.aux = implementation.moe_forward(self, tokens, sources)
         return y.reshape(x.shape)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,200 @@
+"""Fused routing of the inhibited MoE layer on the Triton kernels (the ``"triton"`` backend).
+
+:func:`route` runs inhibition gate, router logits, scores, top-k, weights and
+dispatch metadata in the fused kernels of :mod:`inhibmoe_fast.kernels.routing`
+and is differentiable with respect to every floating input. :func:`triton_route`
+adapts it to a layer, for ``torch_backend.moe_forward(layer, x, context,
+router=triton_route)``.
+
+Only the logits ``[N, E]``, ids and weights ``[N, k]`` are saved for the
+backward (besides the inputs, and the context when one is given): the
+backward recomputes the gate from ``x``.
+
+The kernels need CUDA tensors, or ``TRITON_INTERPRET=1`` set before the first
+import of :mod:`inhibmoe_fast.kernels.routing` to run on CPU tensors through
+the Triton interpreter.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+from .outputs import Routing
+from .parameters import MoEParameters
+
+SCORES = ("softmax", "sigmoid")
+
+
+def _kernels():
+    # Imported on first use so that TRITON_INTERPRET can be set after inhibmoe_fast is imported.
+    from .kernels import routing as kernels
+
+    return kernels
+
+
+class RouteResult(NamedTuple):
+    """Outputs of :func:`route` for ``N`` tokens, ``E`` experts and ``k`` experts per token.
+
+    Attributes:
+        logits: router logits ``[N, E]``, float32.
+        ids: chosen experts ``[N, k]``, int64, best score first, ties to the lower index.
+        weights: combine weights ``[N, k]``, float32.
+        counts: (token, slot) pairs per expert ``[E]``, int64.
+        offsets: ``[E + 1]`` int64 start of each expert in ``order``; ``None`` when ``dispatch=False``.
+        order: ``[N * k]`` int64 pair numbers ``t * k + j`` grouped by expert and in token
+            order inside each expert (token ``order // k``); ``None`` when ``dispatch=False``.
+    """
+
+    logits: torch.Tensor
+    ids: torch.Tensor
+    weights: torch.Tensor
+    counts: torch.Tensor
+    offsets: Optional[torch.Tensor]
+    order: Optional[torch.Tensor]
+
+
+class RouteFunction(torch.autograd.Function):
+    """Autograd wrapper of the fused routing kernels; see :func:`route` for the arguments."""
+
+    @staticmethod
+    def forward(ctx, x, router_weight, router_bias, gate_weight, gate_u, gate_v, gate_bias, context, context_weight,
+                top_k, score, renormalize, dispatch):
+        kernels = _kernels()
+        softmax = score == "softmax"
+        result = kernels.route_forward(
+            x, router_weight, router_bias, top_k=top_k, softmax=softmax, renormalize=renormalize,
+            gate_weight=gate_weight, gate_u=gate_u, gate_v=gate_v, gate_bias=gate_bias,
+            context=context, context_weight=context_weight,
+        )
+        if dispatch:
+            counts, offsets, order = kernels.dispatch_metadata(result.ids, result.tile_counts, result.block_m)
+        else:
+            counts, offsets, order = result.tile_counts.sum(dim=0, dtype=torch.int64), None, None
+        ctx.save_for_backward(x, router_weight, router_bias, gate_weight, gate_u, gate_v, gate_bias, context,
+                              context_weight, result.logits, result.ids)
+        ctx.softmax, ctx.renormalize = softmax, renormalize
+        ctx.mark_non_differentiable(*(t for t in (result.ids, counts, offsets, order) if t is not None))
+        return result.logits, result.ids, result.weights, counts, offsets, order
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_ids, grad_weights, grad_counts, grad_offsets, grad_order):
+        saved = ctx.saved_tensors
+        logits, ids = saved[-2:]
+        grads = _kernels().route_backward(
+            *saved[:-2], logits, ids, softmax=ctx.softmax, renormalize=ctx.renormalize,
+            grad_weights=None if grad_weights is None else grad_weights.contiguous(),
+            grad_logits=None if grad_logits is None else grad_logits.contiguous(),
+            needs_input_grad=ctx.needs_input_grad[:9],
+        )
+        return (*grads, None, None, None, None)
+
+
+def _unit_stride(tensor):
+    """Return ``tensor`` with stride 1 in its last dimension (a copy only when needed); pass other values through."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0 or tensor.stride(-1) == 1:
+        return tensor
+    return tensor.contiguous()
+
+
+def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: Optional[torch.Tensor] = None, *, top_k: int,
+          score: str = "softmax", renormalize: bool = True, gate_weight: Optional[torch.Tensor] = None,
+          gate_u: Optional[torch.Tensor] = None, gate_v: Optional[torch.Tensor] = None,
+          gate_bias: Optional[torch.Tensor] = None, context: Optional[torch.Tensor] = None,
+          context_weight: Optional[torch.Tensor] = None, dispatch: bool = True) -> RouteResult:
+    """Route tokens ``x [N, D]`` to their ``top_k`` experts with the fused Triton kernels.
+
+    Computes ``u = x * sigmoid(x W_g^T + b_g + context term)`` (``u = x``
+    without a gate), logits ``u W_r^T + b_r`` in float32, softmax or sigmoid
+    scores, the ``top_k`` best experts (ties to the lower index, NaN counted as
+    the largest score, ids always valid and distinct) and their weights.
+
+    Args:
+        x: tokens ``[N, D]``, float32, bfloat16 or float16; every other tensor has this dtype and device.
+        router_weight: ``W_r [E, D]``, ``E <= 1024``.
+        router_bias: ``b_r [E]`` or ``None``.
+        top_k: experts per token, ``1 <= top_k <= E``.
+        score: ``"softmax"`` or ``"sigmoid"``.
+        renormalize: divide the chosen scores by their sum.
+        gate_weight: full gate ``W_g [D, D]`` (``nn.Linear`` layout).
+        gate_u, gate_v: low-rank gate ``W_g = U V`` with ``U [D, r]``, ``V [r, D]``, ``r <= 256``.
+        gate_bias: ``b_g [D]``.
+        context: without ``context_weight``, a term ``[N, D]`` added to the gate
+            pre-activation (kept for the backward); with it, a matrix ``[N, C]``.
+        context_weight: ``[D, C]``: the kernel adds ``context @ context_weight^T``.
+        dispatch: also compute ``offsets`` and ``order``.
+
+    Returns:
+        :class:`RouteResult`. ``logits`` and ``weights`` are differentiable; the
+        gradients of the aux losses reach the inputs through ``logits``.
+
+    Raises:
+        ValueError, TypeError: invalid ``top_k``, ``score``, shapes, dtypes, devices or gate arguments.
+        RuntimeError: CPU tensors while the Triton interpreter is off.
+    """
+    if score not in SCORES:
+        raise ValueError(f"score={score!r} is not supported; expected one of {', '.join(map(repr, SCORES))}")
+    tensors = [x, router_weight, router_bias, gate_weight, gate_u, gate_v, gate_bias, context, context_weight]
+    tensors = [_unit_stride(t) for t in tensors]
+    _kernels().check_route_inputs(*tensors[:3], top_k, *tensors[3:])
+    outputs = RouteFunction.apply(*tensors, top_k, score, bool(renormalize), bool(dispatch))
+    return RouteResult(*outputs)
+
+
+def context_inputs(layer: MoEParameters, x: torch.Tensor, context):
+    """Return ``(aligned sources [N, C], weights [D, C])`` of the global context, or ``(None, None)``.
+
+    Each present source is max-pooled to the ``N`` rows of ``x`` and cast to
+    its dtype. The sources and their projection matrices are concatenated along
+    the feature dimension, so the kernel adds ``sum_s aligned_s W_s^T`` as one product.
+    """
+    weights = getattr(layer, "context_weights", None)
+    if weights is None or context is None:
+        return None, None
+    sources, projections = [], []
+    for source, weight in zip(context, weights):
+        if source is not None:
+            sources.append(ops.maxpool_align(source, x.shape[0])[0].to(x.dtype))
+            projections.append(weight)
+    if not sources:
+        return None, None
+    if len(sources) == 1:
+        return sources[0], projections[0]
+    return torch.cat(sources, dim=1), torch.cat(projections, dim=1)
+
+
+def triton_route(layer: MoEParameters, x: torch.Tensor, context) -> Routing:
+    """Route tokens ``x [N, D]`` of ``layer`` with the fused Triton kernels.
+
+    Usable as ``torch_backend.moe_forward(layer, x, context, router=triton_route)``.
+    Inhibition ``"none"`` runs the kernels without a gate. ``"dropout"`` applies
+    ``torch.nn.functional.dropout`` in PyTorch first (in training) and routes
+    the result without a gate. The dropped input is returned as ``gated_input``,
+    so experts fed with ``u`` see the same mask. Float64 layers raise
+    ``TypeError`` because the kernels support float32, bfloat16 and float16 only.
+    """
+    cfg = layer.config
+    if x.dtype == torch.float64:
+        raise TypeError(
+            "backend='triton' does not support float64 (the kernels take float32, bfloat16 and float16); "
+            "use backend='torch' or 'reference' for float64"
+        )
+    gate = {}
+    router_input = x
+    if cfg.inhibition == "dropout":
+        router_input = F.dropout(x, cfg.dropout_p, layer.training)
+    elif cfg.has_gate:
+        if cfg.gate_rank is None:
+            gate["gate_weight"] = layer.inhibit_weight
+        else:
+            gate["gate_u"], gate["gate_v"] = layer.inhibit_u, layer.inhibit_v
+        gate["gate_bias"] = layer.inhibit_bias
+        gate["context"], gate["context_weight"] = context_inputs(layer, x, context)
+    result = route(router_input, layer.router_weight, layer.router_bias, top_k=cfg.top_k, score=cfg.score,
+                   renormalize=cfg.renormalize, dispatch=False, **gate)
+    # With a gate, gated_input stays None: moe_forward recomputes u in PyTorch when the experts need it.
+    gated_input = None if cfg.has_gate else router_input
+    return Routing(result.logits, result.ids, result.weights, None, gated_input)

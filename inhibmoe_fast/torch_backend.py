@@ -72,7 +72,7 @@ def select_experts(cfg: MoEConfig, scores: torch.Tensor):
 
 
 # The padded layout is used while its buffer has at most this many rows per kept pair.
-PADDED_LAYOUT_MAX_RATIO = 1.3
+PADDED_LAYOUT_MAX_RATIO = 1.1
 
 
 def _linear(rows, weight, bias, plan: DispatchPlan, ends, offsets, expert_of_row):

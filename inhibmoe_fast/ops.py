@@ -108,3 +108,13 @@ def maxpool_align_multi(sources: Sequence[torch.Tensor], n_out: int) -> Tuple[to
         return torch.ops.inhibmoe_fast.maxpool_align_multi(rows, n_out)
     pooled = [_maxpool_align_torch(r, n_out) for r in rows]
     return torch.cat([v for v, _ in pooled], dim=1), torch.cat([i for _, i in pooled], dim=1)
+
+
+def __getattr__(name: str):
+    # ``route`` (fused Triton routing) lives in inhibmoe_fast.routing, which imports this
+    # module, so it is loaded on first access instead of at import time.
+    if name == "route":
+        from .routing import route
+
+        return route
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,6 +26,7 @@ from typing import Dict, List
 
 import torch
 
+from .bench_maxpool import bench_maxpool, parse_sizes
 from .layer import InhibitedMoE
 from .reference import ReferenceMoE
 from .timing import activation_bytes, matmul_rate, time_split_ms
@@ -49,7 +50,8 @@ def layer_flops(tokens: int, dim: int, hidden: int, experts: int, top_k: int, in
     return flops
 
 
-def _print_table(title: str, rows: List[Dict[str, object]], columns: List[str]) -> None:
+def print_table(title: str, rows: List[Dict[str, object]], columns: List[str]) -> None:
+    """Print ``rows`` as a right-aligned table of ``columns`` under ``title``."""
     print(f"\n{title}")
     widths = [max(len(c), *(len(_format(r.get(c))) for r in rows)) for c in columns]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
@@ -159,10 +161,10 @@ def run_layer(args, device: torch.device, dtype: torch.dtype, rate: float) -> Li
 def run_maxpool(args, device: torch.device) -> List[Dict[str, object]]:
     """Benchmark ``maxpool_align`` against the PyTorch route, when the benchmark module is present."""
     try:
-        from .bench_maxpool import bench_maxpool
-    except ImportError:
+        return bench_maxpool(str(device), torch.float32, args.maxpool_sizes, args.repeats)
+    except RuntimeError as error:  # the extension is not built
+        print(f"\nmaxpool_align: skipped, {error}")
         return []
-    return bench_maxpool(str(device), torch.float32, args.maxpool_sizes, args.repeats)
 
 
 def run_training(args, device: torch.device) -> List[Dict[str, object]]:
@@ -213,16 +215,6 @@ def _device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def _parse_sizes(text: str):
-    sizes = []
-    for item in text.split(","):
-        parts = item.lower().split("x")
-        if len(parts) != 3:
-            raise argparse.ArgumentTypeError(f"invalid size {item!r}; expected N_INxCxN_OUT, for example 65536x1024x4096")
-        sizes.append(tuple(int(p) for p in parts))
-    return sizes
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m inhibmoe_fast.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available); default auto")
@@ -242,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before each measurement; default 2")
     parser.add_argument("--matmul-size", type=int, default=None,
                         help="side of the square matmul that measures the device rate; default 2048 on CPU, 8192 on CUDA")
-    parser.add_argument("--maxpool-sizes", type=_parse_sizes, default=_parse_sizes("4096x256x1024,65536x1024x4096"),
+    parser.add_argument("--maxpool-sizes", type=parse_sizes, default=parse_sizes("4096x256x1024,65536x1024x4096"),
                         help="maxpool_align sizes as N_INxCxN_OUT[,...]; default 4096x256x1024,65536x1024x4096")
     parser.add_argument("--train-epochs", type=int, default=1, help="epochs of the digits training run; default 1")
     parser.add_argument("--skip", type=lambda s: s.split(","), default=[],
@@ -269,7 +261,7 @@ def main(argv=None) -> int:
 
     if "parity" not in args.skip:
         rows = run_parity(device)
-        _print_table("Parity: fast vs reference, float64 (max abs error)", rows,
+        print_table("Parity: fast vs reference, float64 (max abs error)", rows,
                      ["shape", "tensor", "max_abs_error", "ids_equal"])
         _write_csv(os.path.join(args.out, "parity.csv"), rows, header)
 
@@ -280,7 +272,7 @@ def main(argv=None) -> int:
         rows = run_layer(args, device, dtype, rate)
         title = (f"Layer: N={args.tokens} D={args.dim} F={args.hidden} E={args.experts} k={args.top_k} "
                  f"{args.dtype} swiglu, gate rank {args.gate_rank or 'full'}")
-        _print_table(title, rows, ["inhibition", "backend", "pass", "median_ms", "min_ms", "max_ms", "gflops",
+        print_table(title, rows, ["inhibition", "backend", "pass", "median_ms", "min_ms", "max_ms", "gflops",
                                    "of_matmul_rate", "speedup_vs_reference", "activation_mib"])
         shape = {"tokens": args.tokens, "dim": args.dim, "hidden": args.hidden, "experts": args.experts,
                  "top_k": args.top_k, "dtype": args.dtype, "matmul_gflops": rate / 1e9}
@@ -290,12 +282,12 @@ def main(argv=None) -> int:
     if "maxpool" not in args.skip:
         rows = run_maxpool(args, device)
         if rows:
-            _print_table("maxpool_align: operator vs PyTorch route (float32)", rows, list(rows[0]))
+            print_table("maxpool_align: operator vs PyTorch route (float32)", rows, list(rows[0]))
             _write_csv(os.path.join(args.out, "maxpool.csv"), rows, header)
 
     if "train" not in args.skip:
         rows = run_training(args, device)
-        _print_table(f"Training: digits classifier, {args.train_epochs} epoch(s)", rows, list(rows[0]))
+        print_table(f"Training: digits classifier, {args.train_epochs} epoch(s)", rows, list(rows[0]))
         _write_csv(os.path.join(args.out, "train.csv"), rows, header)
 
     print(f"\nWrote CSV files and plots to {os.path.abspath(args.out)}")

@@ -124,7 +124,7 @@ def bench_maxpool(
     return rows
 
 
-def _parse_sizes(text: str) -> List[Tuple[int, int, int]]:
+def parse_sizes(text: str) -> List[Tuple[int, int, int]]:
     sizes = []
     for item in text.split(","):
         parts = item.lower().split("x")
@@ -134,29 +134,23 @@ def _parse_sizes(text: str) -> List[Tuple[int, int, int]]:
     return sizes
 
 
-def _print_table(rows: List[Dict[str, object]]) -> None:
-    columns = list(rows[0])
-    widths = [max(len(column), *(len(str(row[column])) for row in rows)) for column in columns]
-    print("  ".join(column.ljust(width) for column, width in zip(columns, widths)))
-    for row in rows:
-        print("  ".join(str(row[column]).ljust(width) for column, width in zip(columns, widths)))
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device to run on; default cuda when available, else cpu")
     parser.add_argument("--dtype", default="float32", choices=["float64", "float32", "float16", "bfloat16"],
                         help="dtype of the input; default float32")
-    parser.add_argument("--sizes", type=_parse_sizes, default=DEFAULT_SIZES,
+    parser.add_argument("--sizes", type=parse_sizes, default=DEFAULT_SIZES,
                         help="sizes as N_INxCxN_OUT[,...]; default 4096x256x1024,1024x256x4096,65536x1024x4096")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; default 5")
     args = parser.parse_args(argv)
 
     rows = bench_maxpool(args.device, getattr(torch, args.dtype), args.sizes, args.repeats)
-    print(f"maxpool_align vs PyTorch route: {args.device}, {args.dtype}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
-    _print_table(rows)
+    from .bench import print_table
+
+    title = (f"maxpool_align vs PyTorch route: {args.device}, {args.dtype}, {torch.get_num_threads()} threads, "
+             f"torch {torch.__version__}")
+    print_table(title, rows, list(rows[0]))
     return 0
 
 

@@ -38,5 +38,5 @@ def test_bench_rejects_bad_size():
 
     import pytest
 
-    with pytest.raises(argparse.ArgumentTypeError, match="invalid size '12x3'"):
-        bench._parse_sizes("12x3")
+    with pytest.raises(argparse.ArgumentTypeError, match="size '12x3' is invalid"):
+        bench.parse_sizes("12x3")

@@ -12,6 +12,11 @@ arXiv:2507.03221). It then checks the mechanism on trained models:
 - the entropy of the experts' utilisation per data kind, with and without the
   load-balancing loss.
 
+``language`` trains a small transformer whose feed-forward layers are
+inhibited MoE layers on the help topics that ship with CPython, plain routing
+against global inhibition, and prints the held-out next-word negative
+log-likelihood and perplexity.
+
 Tables are printed; CSV files and PNG plots go to ``--out``.
 """
 
@@ -23,7 +28,7 @@ import os
 import sys
 from typing import Dict, List
 
-from . import mixed_numbers
+from . import language, mixed_numbers
 
 
 def _progress(iterable, description: str, enabled: bool):
@@ -101,6 +106,21 @@ def run_mixed_numbers(args) -> int:
     return 0
 
 
+def run_language(args) -> int:
+    from .bench import print_table
+
+    os.makedirs(args.out, exist_ok=True)
+    cases = [(inhibition, seed) for inhibition in ("none", "global") for seed in range(args.seeds)]
+    results = [language.train_language_model(inhibition, seed, steps=args.steps)
+               for inhibition, seed in _progress(cases, "train", args.progress)]
+    rows = language.summarize(results)
+    print_table(f"Language: held-out next-word loss, {args.steps} steps, {args.seeds} seed(s)", rows,
+                ["inhibition", "seeds", "heldout_nll", "perplexity", "nll_by_seed", "seconds_per_run"])
+    _write_csv(os.path.join(args.out, "language.csv"), rows)
+    print(f"\nWrote CSV files to {os.path.abspath(args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m inhibmoe_fast.reproduce", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     mixed.add_argument("--out", default="results/reproduce", help="folder for CSV files and plots")
     mixed.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     mixed.set_defaults(run=run_mixed_numbers)
+
+    text = commands.add_parser("language", help="next-word prediction on CPython's help topics")
+    text.add_argument("--steps", type=int, default=1200, help="training steps per run; default 1200")
+    text.add_argument("--seeds", type=int, default=2, help="seeds per configuration; default 2")
+    text.add_argument("--out", default="results/reproduce", help="folder for the CSV file")
+    text.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    text.set_defaults(run=run_language)
     return parser
 
 

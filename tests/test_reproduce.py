@@ -58,3 +58,23 @@ def test_mixed_numbers_command_short_run(tmp_path, capsys):
 def test_unknown_configuration_rejected():
     with pytest.raises(SystemExit, match="unknown lateral"):
         reproduce.main(["mixed-numbers", "--configurations", "plain,lateral"])
+
+
+def test_language_command_short_run(tmp_path):
+    out = tmp_path / "language"
+    assert reproduce.main(["language", "--steps", "3", "--seeds", "1", "--out", str(out), "--no-progress"]) == 0
+    with open(out / "language.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["inhibition"] for r in rows] == ["none", "global"]
+    for row in rows:
+        assert math.isclose(float(row["perplexity"]), math.exp(float(row["heldout_nll"])), rel_tol=1e-9)
+
+
+def test_language_corpus_split():
+    from inhibmoe_fast import language
+
+    train, heldout, vocabulary = language.load_corpus(500)
+    assert len(vocabulary) == 500
+    assert vocabulary[0] == "<unk>"
+    assert len(train) > 8 * len(heldout) > 0
+    assert int(train.max()) < 500

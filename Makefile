@@ -13,7 +13,10 @@ install: $(STAMP)
 
 $(STAMP): setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install setuptools wheel ninja
+	# A current pip builds the editable install through PEP 660; the pip that venv ships
+	# (23.x) falls back to `setup.py develop`, which rebuilds in an isolated environment
+	# that has no torch.
+	$(PY) -m pip install --upgrade pip setuptools wheel ninja
 	$(PY) -m pip install torch
 	$(PY) -m pip install --no-build-isolation -e '.[bench,dev]'
 	touch $@

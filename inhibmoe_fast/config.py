@@ -8,6 +8,7 @@ the value it got and what is expected.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Tuple
 
@@ -21,9 +22,18 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name}={value!r} is not supported; expected one of {', '.join(map(repr, choices))}")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_int(value) or value < 1:
         raise ValueError(f"{name}={value!r} is invalid; expected a positive integer")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is invalid; expected True or False")
 
 
 @dataclass(frozen=True)
@@ -73,8 +83,10 @@ class MoEConfig:
         _check_positive_int("hidden_dim", self.hidden_dim)
         _check_positive_int("num_experts", self.num_experts)
 
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+        if not _is_int(self.top_k):
             raise ValueError(f"top_k={self.top_k!r} is invalid; expected an integer")
+        for name in ("dim", "hidden_dim", "num_experts", "top_k"):
+            object.__setattr__(self, name, int(getattr(self, name)))  # NumPy integers become plain ints
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(
                 f"top_k={self.top_k} is out of range for num_experts={self.num_experts}; "
@@ -87,20 +99,26 @@ class MoEConfig:
 
         if self.gate_rank is not None:
             _check_positive_int("gate_rank", self.gate_rank)
+            object.__setattr__(self, "gate_rank", int(self.gate_rank))
             if self.inhibition not in ("local", "global"):
                 raise ValueError(
                     f"gate_rank={self.gate_rank} needs inhibition='local' or 'global', got inhibition={self.inhibition!r}"
                 )
+        if not isinstance(self.context_dims, (tuple, list)):
+            raise ValueError(f"context_dims={self.context_dims!r} is invalid; expected a tuple of widths, such as (256,)")
         dims = tuple(self.context_dims)
-        object.__setattr__(self, "context_dims", dims)
         for i, width in enumerate(dims):
             _check_positive_int(f"context_dims[{i}]", width)
+        dims = tuple(int(width) for width in dims)
+        object.__setattr__(self, "context_dims", dims)
         if dims and self.inhibition != "global":
             raise ValueError(f"context_dims={dims} needs inhibition='global', got inhibition={self.inhibition!r}")
 
         if not (isinstance(self.dropout_p, (int, float)) and 0.0 <= self.dropout_p < 1.0):
             raise ValueError(f"dropout_p={self.dropout_p!r} is invalid; expected 0 <= dropout_p < 1")
 
+        for name in ("renormalize", "expert_bias", "router_bias", "inhibit_experts"):
+            _check_bool(name, getattr(self, name))
         if self.capacity_factor is not None:
             c = self.capacity_factor
             if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:

@@ -141,10 +141,14 @@ class InhibitionContext:
     @staticmethod
     def _feed(binding: ContextBinding):
         def hook(module, args, kwargs):
-            if len(args) > 1 or kwargs.get("context") is not None:
+            explicit = (len(args) > 1 and args[1] is not None) or kwargs.get("context") is not None
+            x = args[0] if args else kwargs.get("x")
+            if explicit or not isinstance(x, torch.Tensor):
+                # A context passed by the caller wins; a bad input is left to the layer's own checks.
                 binding.pre_outputs.clear()
-                return None  # the caller passed a context explicitly
-            device = args[0].device if args else kwargs["x"].device
+                return None
+            args = args[:1]
+            device = x.device
             kwargs = dict(kwargs)
             kwargs["context"] = binding.sources(device)
             return args, kwargs

@@ -87,6 +87,14 @@ class MoEParameters(nn.Module):
 
         self.aux = None
 
+    def __getstate__(self):
+        # ``aux`` holds the last call's autograd graph, which cannot be copied or pickled,
+        # so copies and pickles start without it.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["aux"] = None
+        return state
+
     @property
     def gate_weight(self) -> torch.Tensor | None:
         """The full inhibition gate matrix ``W_g`` (``U V`` for a low-rank gate), or ``None`` without a gate."""

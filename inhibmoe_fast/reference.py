@@ -39,6 +39,8 @@ def routing_dtype(dtype: torch.dtype) -> torch.dtype:
 def maxpool_align(x: torch.Tensor, n_out: int) -> torch.Tensor:
     """Max-pool the rows of ``x [..., C]`` to ``n_out`` rows with ``adaptive_max_pool1d``; return the values."""
     rows = x.reshape(-1, x.shape[-1])
+    if n_out == 0:
+        return rows[:0]  # adaptive_max_pool1d has no backward for an empty output
     return F.adaptive_max_pool1d(rows.t().unsqueeze(0), n_out)[0].t()
 
 
@@ -77,6 +79,8 @@ def select_experts(cfg: MoEConfig, scores: torch.Tensor):
     A stable descending sort orders equal scores by expert index, so the lower
     index wins ties, and puts NaN first; the ids of a row are always distinct.
     """
+    # NOTE: sigmoid scores of logits below about -88 round to 0 in float32, so renormalizing
+    # a token whose chosen scores all rounded to 0 gives 0 / 0 = NaN weights.
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     ids = order[:, : cfg.top_k]
     weights = scores.gather(1, ids)

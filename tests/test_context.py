@@ -187,3 +187,19 @@ def test_pre_module_that_runs_later_is_reported():
     context.attach(model.moe, pre=[model.head], post=[model.embed])
     with pytest.raises(RuntimeError, match="did not run before the inhibited layer"):
         model(torch.randn(3, 6, dtype=torch.float64))
+
+
+def test_positional_none_context_is_fed():
+    model, context, binding = make_model(post_loss=False)
+    captured = {}
+    model.moe.register_forward_pre_hook(lambda m, a, kw: captured.update(context=kw.get("context")), with_kwargs=True)
+    hidden = torch.randn(4, 8, dtype=torch.float64)
+    model.embed(torch.randn(4, 6, dtype=torch.float64))  # the pre-text source runs first
+    model.moe(hidden, None)
+    assert captured["context"] is not None, "layer(x, None) must receive the hook's context like layer(x)"
+
+
+def test_bad_input_reaches_layer_checks():
+    model, context, binding = make_model()
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        model.moe([1.0, 2.0])

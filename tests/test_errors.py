@@ -32,6 +32,9 @@ LAYERS = [InhibitedMoE, ReferenceMoE]
         ((8, 4, 4, 2), {"inhibition": "global", "context_dims": (3, 0)}, r"context_dims\[1\]=0"),
         ((8, 4, 4, 2), {"dropout_p": 1.0}, r"dropout_p=1.0"),
         ((8, 4, 4, 2), {"load_balance_coef": -1}, r"load_balance_coef=-1"),
+        ((8, 4, 4, 2), {"inhibition": "global", "context_dims": 3}, r"context_dims=3 is invalid; expected a tuple"),
+        ((8, 4, 4, 2), {"renormalize": "no"}, r"renormalize='no' is invalid; expected True or False"),
+        ((8, 4, 4, 2), {"expert_bias": 1}, r"expert_bias=1 is invalid; expected True or False"),
     ],
 )
 def test_invalid_options_rejected(cls, args, options, pattern):

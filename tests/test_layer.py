@@ -116,3 +116,34 @@ def test_layer_moves_dtype():
     y = layer(torch.randn(3, 8, dtype=torch.float64))
     assert y.dtype == torch.float64
     assert layer.aux.logits.dtype == torch.float64
+
+
+def test_numpy_integer_sizes_accepted():
+    import numpy as np
+
+    layer = InhibitedMoE(np.int64(8), np.int32(6), np.int64(4), top_k=np.int64(2), gate_rank=np.int64(3))
+    assert type(layer.config.top_k) is int
+    assert type(layer.config.gate_rank) is int
+    assert layer(torch.randn(3, 8)).shape == (3, 8)
+
+
+@pytest.mark.parametrize("cls", [InhibitedMoE, ReferenceMoE])
+def test_deepcopy_and_save_after_forward(cls, tmp_path):
+    import copy
+
+    layer = cls(8, 6, 4, 2)
+    layer(torch.randn(3, 8))
+    duplicate = copy.deepcopy(layer)
+    assert duplicate.aux is None, "a copy starts without the last call's graph"
+    assert layer.aux is not None
+    torch.save(layer, tmp_path / "layer.pt")
+    x = torch.randn(5, 8)
+    assert torch.equal(duplicate(x), layer(x))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_empty_batch_with_context_gradient(backend):
+    layer = InhibitedMoE(8, 6, 4, 2, backend=backend, inhibition="global", context_dims=(3,))
+    source = torch.randn(5, 3, requires_grad=True)
+    layer(torch.randn(0, 8, requires_grad=True), [source]).sum().backward()
+    assert torch.equal(source.grad, torch.zeros_like(source))

@@ -110,6 +110,7 @@ class LanguageResult:
     nll: float
     perplexity: float
     seconds: float
+    curve: List[Tuple[int, float]]
 
 
 def _windows(ids: torch.Tensor, length: int) -> torch.Tensor:
@@ -131,8 +132,12 @@ def evaluate(model: MoELanguageModel, windows: torch.Tensor, batch_size: int = 6
 
 
 def train_language_model(inhibition: str, seed: int, steps: int = 1200, batch_size: int = 32,
-                         context_length: int = 32, lr: float = 3e-3, vocab_size: int = 2000) -> LanguageResult:
-    """Train one model for ``steps`` steps and return its held-out loss."""
+                         context_length: int = 32, lr: float = 3e-3, vocab_size: int = 2000,
+                         curve_every: int = 50) -> LanguageResult:
+    """Train one model for ``steps`` steps and return its held-out loss.
+
+    ``curve`` holds ``(step, mean training loss of the last curve_every steps)`` pairs.
+    """
     train_ids, heldout_ids, vocabulary = load_corpus(vocab_size)
     train_windows = _windows(train_ids, context_length)
     heldout_windows = _windows(heldout_ids, context_length)
@@ -142,7 +147,8 @@ def train_language_model(inhibition: str, seed: int, steps: int = 1200, batch_si
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     model.train()
-    for _ in range(steps):
+    curve, running = [], []
+    for step in range(1, steps + 1):
         batch = train_windows[torch.randint(len(train_windows), (batch_size,), generator=generator)]
         logits = model(batch[:, :-1])
         per_token = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
@@ -153,9 +159,13 @@ def train_language_model(inhibition: str, seed: int, steps: int = 1200, batch_si
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        running.append(per_sequence.mean().item())
+        if step % curve_every == 0 or step == steps:
+            curve.append((step, sum(running) / len(running)))
+            running = []
     seconds = time.perf_counter() - start
     nll = evaluate(model, heldout_windows)
-    return LanguageResult(inhibition, seed, nll, math.exp(nll), seconds)
+    return LanguageResult(inhibition, seed, nll, math.exp(nll), seconds, curve)
 
 
 def summarize(results: List[LanguageResult]) -> List[Dict[str, object]]:

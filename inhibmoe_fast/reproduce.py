@@ -106,6 +106,27 @@ def run_mixed_numbers(args) -> int:
     return 0
 
 
+def _plot_curves(path: str, results) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4.2))
+    colors = {"none": "tab:blue", "global": "tab:orange"}
+    for result in results:
+        steps, losses = zip(*result.curve)
+        axis.plot(steps, losses, color=colors.get(result.inhibition), alpha=0.8,
+                  label=f"{result.inhibition}, seed {result.seed}: held-out NLL {result.nll:.3f}")
+    axis.set_xlabel("training step")
+    axis.set_ylabel("training loss (nats per token)")
+    axis.set_title("next-word prediction on CPython help topics")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def run_language(args) -> int:
     from .bench import print_table
 
@@ -117,7 +138,8 @@ def run_language(args) -> int:
     print_table(f"Language: held-out next-word loss, {args.steps} steps, {args.seeds} seed(s)", rows,
                 ["inhibition", "seeds", "heldout_nll", "perplexity", "nll_by_seed", "seconds_per_run"])
     _write_csv(os.path.join(args.out, "language.csv"), rows)
-    print(f"\nWrote CSV files to {os.path.abspath(args.out)}")
+    _plot_curves(os.path.join(args.out, "language_training.png"), results)
+    print(f"\nWrote the CSV file and the plot to {os.path.abspath(args.out)}")
     return 0
 
 
@@ -138,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     text = commands.add_parser("language", help="next-word prediction on CPython's help topics")
     text.add_argument("--steps", type=int, default=1200, help="training steps per run; default 1200")
     text.add_argument("--seeds", type=int, default=2, help="seeds per configuration; default 2")
-    text.add_argument("--out", default="results/reproduce", help="folder for the CSV file")
+    text.add_argument("--out", default="results/reproduce", help="folder for the CSV file and the plot")
     text.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     text.set_defaults(run=run_language)
     return parser

@@ -203,3 +203,16 @@ def test_bad_input_reaches_layer_checks():
     model, context, binding = make_model()
     with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
         model.moe([1.0, 2.0])
+
+
+def test_sources_aligned_to_layer_tokens():
+    from inhibmoe_fast import ops
+
+    model, context, binding = make_model(post_loss=False)
+    model(torch.randn(9, 6, dtype=torch.float64))  # post-text of 9 rows for a layer of 5 tokens
+    hidden = torch.randn(5, 8, dtype=torch.float64)
+    pre = torch.randn(12, 8, dtype=torch.float64)
+    post = binding.post_outputs[0]
+    aligned = [ops.maxpool_align(pre, 5)[0], ops.maxpool_align(post, 5)[0]]
+    assert torch.allclose(InhibitedMoE.forward(model.moe, hidden, [pre, post]),
+                          InhibitedMoE.forward(model.moe, hidden, aligned), atol=1e-12)

@@ -68,6 +68,7 @@ def test_language_command_short_run(tmp_path):
     assert [r["inhibition"] for r in rows] == ["none", "global"]
     for row in rows:
         assert math.isclose(float(row["perplexity"]), math.exp(float(row["heldout_nll"])), rel_tol=1e-9)
+    assert (out / "language_training.png").stat().st_size > 0
 
 
 def test_language_corpus_split():

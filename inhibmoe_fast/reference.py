@@ -73,26 +73,41 @@ def scores_from_logits(cfg: MoEConfig, logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=-1) if cfg.score == "softmax" else torch.sigmoid(logits)
 
 
-def select_experts(cfg: MoEConfig, scores: torch.Tensor):
+def normalized_sigmoid(logits: torch.Tensor) -> torch.Tensor:
+    """Return ``sigmoid(z) / sum(sigmoid(z))`` along the last dimension, finite for finite logits.
+
+    It is computed as a softmax of log-sigmoids: dividing the sigmoids themselves
+    gives 0 / 0 once every sigmoid of a row rounds to zero (logits below about -88
+    in float32).
+    """
+    return torch.softmax(F.logsigmoid(logits), dim=-1)
+
+
+def combine_weights(cfg: MoEConfig, scores: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Return the combine weights of the chosen experts ``ids``: their scores, renormalized if configured."""
+    if not cfg.renormalize:
+        return scores.gather(1, ids)
+    if cfg.score == "sigmoid":
+        return normalized_sigmoid(logits.gather(1, ids))
+    weights = scores.gather(1, ids)
+    return weights / weights.sum(dim=-1, keepdim=True)
+
+
+def select_experts(cfg: MoEConfig, scores: torch.Tensor, logits: torch.Tensor):
     """Return ``(ids, weights)`` of the ``top_k`` best scores per row.
 
     A stable descending sort orders equal scores by expert index, so the lower
     index wins ties, and puts NaN first; the ids of a row are always distinct.
     """
-    # NOTE: sigmoid scores of logits below about -88 round to 0 in float32, so renormalizing
-    # a token whose chosen scores all rounded to 0 gives 0 / 0 = NaN weights.
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     ids = order[:, : cfg.top_k]
-    weights = scores.gather(1, ids)
-    if cfg.renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return ids, weights
+    return ids, combine_weights(cfg, scores, logits, ids)
 
 
 def auxiliary_losses(cfg: MoEConfig, logits, scores, counts):
     """Return ``(load_balance_loss, z_loss, loss)``; all are zero for an empty batch."""
     num_tokens = logits.shape[0]
-    probs = scores if cfg.score == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
+    probs = scores if cfg.score == "softmax" else normalized_sigmoid(logits)
     mean_prob = probs.sum(dim=0) / max(num_tokens, 1)
     fraction = counts.to(logits.dtype) / max(num_tokens * cfg.top_k, 1)
     load_balance = cfg.num_experts * (fraction * mean_prob).sum()
@@ -129,7 +144,7 @@ def moe_forward(layer: MoEParameters, x: torch.Tensor, context):
     u = inhibit(layer, x, context)
     logits = router_logits(layer, u)
     scores = scores_from_logits(cfg, logits)
-    ids, weights = select_experts(cfg, scores)
+    ids, weights = select_experts(cfg, scores, logits)
     counts = torch.bincount(ids.reshape(-1), minlength=cfg.num_experts)
 
     expert_input = u if cfg.inhibit_experts else x

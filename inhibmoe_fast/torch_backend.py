@@ -29,7 +29,7 @@ from .dispatch import DispatchPlan, gather_tokens, plan_dispatch, scatter_pairs
 from .grouped import batched_linear, grouped_linear
 from .outputs import MoEAux, Routing
 from .parameters import MoEParameters
-from .reference import auxiliary_losses, routing_dtype, scores_from_logits
+from .reference import auxiliary_losses, combine_weights, routing_dtype, scores_from_logits
 
 
 def inhibit(layer: MoEParameters, x: torch.Tensor, context) -> torch.Tensor:
@@ -50,7 +50,7 @@ def inhibit(layer: MoEParameters, x: torch.Tensor, context) -> torch.Tensor:
     return x * torch.sigmoid(pre_activation)
 
 
-def select_experts(cfg: MoEConfig, scores: torch.Tensor):
+def select_experts(cfg: MoEConfig, scores: torch.Tensor, logits: torch.Tensor):
     """Return ``(ids, weights)`` of the ``top_k`` best scores, ties to the lower index, NaN first."""
     k, num_experts = cfg.top_k, cfg.num_experts
     if k < num_experts:
@@ -65,10 +65,7 @@ def select_experts(cfg: MoEConfig, scores: torch.Tensor):
     rows = unclear.nonzero().squeeze(1)
     if rows.numel():
         ids = ids.index_copy(0, rows, torch.sort(scores[rows], dim=-1, descending=True, stable=True).indices[:, :k])
-    weights = scores.gather(1, ids)
-    if cfg.renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return ids, weights
+    return ids, combine_weights(cfg, scores, logits, ids)
 
 
 # The padded layout is used while its buffer has at most this many rows per kept pair.
@@ -116,7 +113,7 @@ def route(layer: MoEParameters, x: torch.Tensor, context) -> Routing:
     if layer.router_bias is not None:
         logits = logits + layer.router_bias.to(dtype)
     scores = scores_from_logits(cfg, logits)
-    ids, weights = select_experts(cfg, scores)
+    ids, weights = select_experts(cfg, scores, logits)
     return Routing(logits, ids, weights, scores, u)
 
 

@@ -151,6 +151,18 @@ def _gate_pre_activation(
 
 
 @triton.jit
+def _normalized_sigmoid(z):
+    """Return ``sigmoid(z) / sum(sigmoid(z))`` per row as a softmax of log-sigmoids; ``-inf`` columns get 0.
+
+    Dividing the sigmoids themselves gives 0 / 0 once every sigmoid of a row
+    rounds to zero (logits below about -88).
+    """
+    log_sigmoid = tl.minimum(z, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(z)))
+    p = tl.exp(log_sigmoid - tl.max(log_sigmoid, axis=1)[:, None])
+    return p / tl.sum(p, axis=1)[:, None]
+
+
+@triton.jit
 def _scores(z, e_mask, SOFTMAX: tl.constexpr):
     """Return the router scores of logits ``z [BLOCK_M, BLOCK_E]``; padding columns get 0."""
     if SOFTMAX:
@@ -234,6 +246,7 @@ def _route_forward_kernel(
     slots = tl.arange(0, BLOCK_TOP_K)
     ids = tl.zeros((BLOCK_M, BLOCK_TOP_K), dtype=tl.int32)
     weights = tl.zeros((BLOCK_M, BLOCK_TOP_K), dtype=tl.float32)
+    chosen_logits = tl.full((BLOCK_M, BLOCK_TOP_K), float("-inf"), dtype=tl.float32)
     histogram = tl.zeros((BLOCK_E,), dtype=tl.int32)
     for j in range(TOP_K):
         best = tl.max(key, axis=1)
@@ -243,10 +256,16 @@ def _route_forward_kernel(
         score = tl.sum(tl.where(chosen, s, 0.0), axis=1)
         ids = tl.where(slots[None, :] == j, choice[:, None], ids)
         weights = tl.where(slots[None, :] == j, score[:, None], weights)
+        if RENORMALIZE and not SOFTMAX:
+            logit = tl.sum(tl.where(chosen, z, 0.0), axis=1)
+            chosen_logits = tl.where(slots[None, :] == j, logit[:, None], chosen_logits)
         histogram += tl.sum((chosen & row_mask[:, None]).to(tl.int32), axis=0)
         key = tl.where(chosen, _REMOVED_KEY, key)
     if RENORMALIZE:
-        weights = weights / tl.sum(weights, axis=1)[:, None]
+        if SOFTMAX:
+            weights = weights / tl.sum(weights, axis=1)[:, None]
+        else:
+            weights = _normalized_sigmoid(chosen_logits)
     slot_mask = row_mask[:, None] & (slots[None, :] < TOP_K)
     tl.store(ids_ptr + rows[:, None] * TOP_K + slots[None, :], ids.to(tl.int64), mask=slot_mask)
     tl.store(weights_ptr + rows[:, None] * TOP_K + slots[None, :], weights, mask=slot_mask)
@@ -342,7 +361,7 @@ def _route_backward_token_kernel(
             hit = offs_e[None, :] == id_j[:, None]
             grad_s = tl.where(hit, g_j[:, None], grad_s)
             chosen = chosen | hit
-        if RENORMALIZE:
+        if RENORMALIZE and SOFTMAX:
             # w_j = s_j / S with S the sum of the chosen scores:
             # dL/ds_j = (g_j - sum_i g_i w_i) / S.
             total = tl.sum(tl.where(chosen, s, 0.0), axis=1)
@@ -350,8 +369,16 @@ def _route_backward_token_kernel(
             total = tl.where(row_mask, total, 1.0)
             weighted = tl.sum(tl.where(chosen, grad_s * s, 0.0), axis=1) / total
             grad_s = tl.where(chosen, (grad_s - weighted[:, None]) / total[:, None], 0.0)
+        if RENORMALIZE and not SOFTMAX:
+            # w = softmax over the chosen experts of log(sigmoid(z)), so grad_s becomes
+            # dL/dlog(s_j) = w_j (g_j - sum_i g_i w_i); rows past N choose nothing.
+            w = tl.where(chosen, _normalized_sigmoid(tl.where(chosen, z, float("-inf"))), 0.0)
+            weighted = tl.sum(tl.where(chosen, grad_s * w, 0.0), axis=1)
+            grad_s = tl.where(chosen, w * (grad_s - weighted[:, None]), 0.0)
     if SOFTMAX:
         grad_z = s * (grad_s - tl.sum(grad_s * s, axis=1)[:, None])
+    elif RENORMALIZE:
+        grad_z = grad_s * (1.0 - s)  # d log(sigmoid(z)) / dz = 1 - sigmoid(z)
     else:
         grad_z = grad_s * s * (1.0 - s)
     if HAS_GRAD_LOGITS:

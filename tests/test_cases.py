@@ -265,3 +265,17 @@ def test_repeat_runs_bit_identical(backend):
         results.append([y, xx.grad] + [p.grad for p in layer.parameters()])
     for first, second in zip(*results):
         assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigmoid_renormalized_weights_survive_underflow(backend):
+    """Every sigmoid below about -88.7 rounds to 0: ids fall back to the tie rule, weights stay finite."""
+    layer = fixed_router_layer([-90.0, -95.0, -100.0, -89.0, -120.0, -91.0], k=2, backend=backend, score="sigmoid")
+    layer.router_bias.requires_grad_(True)
+    y = layer(torch.randn(3, 8))
+    assert layer.aux.ids.tolist() == [[0, 1]] * 3
+    expected = torch.softmax(torch.tensor([-90.0, -95.0]), 0)  # sigmoid(z) / sum ~ softmax(z) this far out
+    assert torch.allclose(layer.aux.weights, expected.expand(3, 2), atol=1e-6)
+    assert torch.isfinite(layer.aux.load_balance_loss)
+    (y.sum() + layer.aux.z_loss + layer.aux.load_balance_loss).backward()
+    assert torch.isfinite(layer.router_bias.grad).all()

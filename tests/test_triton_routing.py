@@ -89,7 +89,7 @@ def reference_route(x, router_weight, router_bias=None, *, top_k, score="softmax
         logits = logits + router_bias.to(dtype)
     config = MoEConfig(dim=x.shape[1], hidden_dim=1, num_experts=router_weight.shape[0], top_k=top_k, score=score,
                        renormalize=renormalize)
-    ids, weights = select_experts(config, scores_from_logits(config, logits))
+    ids, weights = select_experts(config, scores_from_logits(config, logits), logits)
     return logits, ids, weights
 
 
@@ -264,7 +264,8 @@ def test_non_finite_rows(score, top_k):
     assert int(result.counts.sum()) == tokens * top_k
     assert result.order.sort().values.tolist() == list(range(tokens * top_k))
     config = MoEConfig(dim=12, hidden_dim=1, num_experts=experts, top_k=top_k, score=score)
-    expected_ids, _ = select_experts(config, scores_from_logits(config, result.logits.detach().cpu()))
+    expected_logits = result.logits.detach().cpu()
+    expected_ids, _ = select_experts(config, scores_from_logits(config, expected_logits), expected_logits)
     assert_same_ids(ids, expected_ids, "kernel vs reference on the kernel's logits")
     assert torch.isnan(result.weights[0]).all(), "a NaN row must keep NaN weights"
     clean = route(x[4:].detach(), router_weight.detach(), top_k=top_k, score=score)
@@ -444,7 +445,8 @@ def test_offsets_past_2_31_elements():
     expected = x[-64:].float() @ router_weight.float().t()
     assert torch.allclose(result.logits[-64:], expected, atol=1e-3, rtol=1e-3)
     assert result.ids[-64:].tolist() == select_experts(
-        MoEConfig(dim=dim, hidden_dim=1, num_experts=experts, top_k=2), torch.softmax(result.logits[-64:], 1)
+        MoEConfig(dim=dim, hidden_dim=1, num_experts=experts, top_k=2), torch.softmax(result.logits[-64:], 1),
+        result.logits[-64:],
     )[0].tolist()
     assert int(result.counts.sum()) == 2 * tokens
 
@@ -556,3 +558,19 @@ def test_layer_triton_rejects_float64():
     layer = InhibitedMoE(8, 4, 4, 2, backend="triton", dtype=torch.float64, device=DEVICE)
     with pytest.raises(TypeError, match="float64"):
         layer(torch.randn(3, 8, dtype=torch.float64, device=DEVICE))
+
+
+def test_sigmoid_renormalized_underflow_matches_reference():
+    """Chosen sigmoids that all round to zero still give finite weights and gradients."""
+    logits_row = torch.tensor([-90.0, -95.0, -100.0, -89.0, -120.0, -91.0])
+    x = torch.eye(6)[:3].to(DEVICE).requires_grad_()
+    router_weight = logits_row.unsqueeze(1).expand(6, 6).contiguous().to(DEVICE).requires_grad_()
+    result = route(x, router_weight, top_k=2, score="sigmoid", renormalize=True, dispatch=False)
+    logits = (x.detach() @ router_weight.detach().t()).cpu()
+    config = MoEConfig(dim=6, hidden_dim=1, num_experts=6, top_k=2, score="sigmoid")
+    expected_ids, expected_weights = select_experts(config, scores_from_logits(config, logits), logits)
+    assert torch.equal(result.ids.cpu(), expected_ids)
+    assert torch.allclose(result.weights.cpu(), expected_weights, atol=1e-6)
+    result.weights[:, 0].sum().backward()
+    assert torch.isfinite(router_weight.grad).all()
+    assert torch.isfinite(x.grad).all()

@@ -103,6 +103,9 @@ def batched_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _BatchedLinear.apply(x, weight)
 
 
+# torch.compile traces grouped_mm with a shape function that accepts only 16-bit CUDA inputs,
+# so compiled callers run this function eagerly (a graph break) instead.
+@torch.compiler.disable
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: List[int], offsets: torch.Tensor) -> torch.Tensor:
     """Apply ``weight[g] [out, in]`` to the rows ``ends[g-1]:ends[g]`` of ``x [M, in]``.
 

@@ -147,3 +147,19 @@ def test_empty_batch_with_context_gradient(backend):
     source = torch.randn(5, 3, requires_grad=True)
     layer(torch.randn(0, 8, requires_grad=True), [source]).sum().backward()
     assert torch.equal(source.grad, torch.zeros_like(source))
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
+def test_torch_compile_matches_eager(options):
+    torch.manual_seed(0)
+    layer = InhibitedMoE(8, 6, 4, 2, **options)
+    x = torch.randn(10, 8, requires_grad=True)
+    context = [torch.randn(7, 5), torch.randn(3, 2)] if options["inhibition"] == "global" else None
+    eager = layer(x, context)
+    eager.sum().backward()
+    eager_grad = x.grad.clone()
+    x.grad = None
+    compiled = torch.compile(layer, backend="aot_eager")(x, context)
+    compiled.sum().backward()
+    assert torch.allclose(compiled, eager, atol=1e-5)
+    assert torch.allclose(x.grad, eager_grad, atol=1e-5)

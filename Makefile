@@ -24,8 +24,11 @@ $(STAMP): setup.py $(wildcard csrc/*)
 bench: $(STAMP)
 	$(PY) -m inhibmoe_fast.bench $(ARGS)
 
+# The pytest script, unlike `python -m pytest`, keeps the checkout root off sys.path, so the
+# kernels/ folder cannot shadow the unrelated top-level package named kernels that
+# transformers imports when it is installed.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(VENV)/bin/pytest -q tests
 
 clean:
 	rm -rf build *.egg-info $(STAMP)

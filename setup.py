@@ -113,7 +113,7 @@ def main():
         ],
         extras_require={
             "bench": ["scikit-learn", "matplotlib", "tqdm"],
-            "dev": ["pytest", "pytest-benchmark", "hypothesis"],
+            "dev": ["pytest", "pytest-benchmark", "hypothesis", "transformers"],
         },
         entry_points={"console_scripts": ["inhibmoe-bench = inhibmoe_fast.bench:main"]},
     )

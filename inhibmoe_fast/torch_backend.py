@@ -72,9 +72,9 @@ def select_experts(cfg: MoEConfig, scores: torch.Tensor, logits: torch.Tensor):
 PADDED_LAYOUT_MAX_RATIO = 1.1
 
 
-def _linear(rows, weight, bias, plan: DispatchPlan, ends, offsets, expert_of_row):
+def _linear(rows, weight, bias, layout: str, ends, offsets, expert_of_row):
     """Apply each expert's ``weight [E, out, in]`` (and ``bias [E, out]``) to its rows."""
-    if plan.layout == "padded":
+    if layout == "padded":
         out = batched_linear(rows.view(weight.shape[0], -1, rows.shape[-1]), weight)
         if bias is not None:
             out = out + bias.unsqueeze(1)
@@ -85,14 +85,23 @@ def _linear(rows, weight, bias, plan: DispatchPlan, ends, offsets, expert_of_row
 
 def experts(layer: MoEParameters, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """Run every expert MLP on its rows of ``rows [R, D]`` (laid out as ``plan`` says); return ``[R, D]``."""
+    return run_experts(layer, rows, plan.layout, plan.kept_counts)
+
+
+def run_experts(layer: MoEParameters, rows: torch.Tensor, layout: str, kept_counts: torch.Tensor) -> torch.Tensor:
+    """Run every expert MLP on its rows of ``rows [R, D]``; return ``[R, D]``.
+
+    ``layout`` is that of :class:`~inhibmoe_fast.dispatch.DispatchPlan`: ``"grouped"``
+    (expert ``e`` owns the next ``kept_counts[e]`` rows) or ``"padded"``.
+    """
     cfg = layer.config
     ends = offsets = expert_of_row = None
-    if plan.layout == "grouped":
-        ends_tensor = torch.cumsum(plan.kept_counts, 0)
+    if layout == "grouped":
+        ends_tensor = torch.cumsum(kept_counts, 0)
         ends, offsets = ends_tensor.tolist(), ends_tensor.to(torch.int32)
         if cfg.expert_bias:
-            expert_of_row = torch.repeat_interleave(torch.arange(cfg.num_experts, device=rows.device), plan.kept_counts)
-    plan_args = (plan, ends, offsets, expert_of_row)
+            expert_of_row = torch.repeat_interleave(torch.arange(cfg.num_experts, device=rows.device), kept_counts)
+    plan_args = (layout, ends, offsets, expert_of_row)
 
     up = _linear(rows, layer.expert_up, layer.expert_up_bias, *plan_args)
     if cfg.activation == "swiglu":

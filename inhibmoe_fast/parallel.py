@@ -16,7 +16,7 @@ gradients then equal those of the single-process layer on all ranks' tokens
 together. Routing gradients cover only the rank's own tokens, so sum them over
 the ranks (``DistributedDataParallel`` or an all-reduce) as for any replicated
 parameter. The capacity limit, when set, counts each rank's own tokens, and
-``aux`` holds the routing of the rank's own tokens.
+``aux`` contains the routing of the rank's own tokens.
 
 The collectives are those of ``torch.distributed``: NCCL on GPUs, Gloo on the
 CPU (Gloo implements ``all_to_all`` for CPU tensors).
@@ -63,9 +63,8 @@ class _LocalExperts(nn.Module):
 class ExpertParallelMoE(nn.Module):
     """An :class:`InhibitedMoE` whose experts are split over the ranks of ``group``.
 
-    Build it on every rank from the same full layer (same parameters on every
-    rank, for example after loading one ``state_dict``); each rank keeps its
-    own slice of the experts. Call it on each rank's own tokens, with the same
+    Build it on every rank from the same full layer, for example after loading
+    one ``state_dict`` on every rank. Each rank keeps its own slice of the experts. Call it on each rank's own tokens, with the same
     number of calls on every rank. ``num_experts`` must be a multiple of the
     group size.
     """

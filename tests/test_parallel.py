@@ -78,3 +78,14 @@ def test_requires_initialised_process_group():
         pytest.skip("a process group is already initialised")
     with pytest.raises(RuntimeError, match="init_process_group"):
         ExpertParallelMoE(InhibitedMoE(8, 4, 4, 2))
+
+
+def test_bench_parallel_runs(tmp_path, capsys):
+    from inhibmoe_fast import bench_parallel
+
+    out = tmp_path / "parallel.csv"
+    bench_parallel.main(["--ranks", "1,2", "--tokens", "16", "--dim", "8", "--hidden", "8", "--experts", "4",
+                         "--steps", "1", "--warmup", "0", "--out", str(out)])
+    assert "Expert parallelism on CPU processes" in capsys.readouterr().out
+    assert out.read_text().splitlines()[0].startswith("ranks,")
+    assert len(out.read_text().splitlines()) == 3

@@ -1,7 +1,9 @@
 """Timing and memory measurement used by the benchmarks.
 
 On the CPU, times are medians of a warmed-up ``time.perf_counter`` loop. On
-CUDA, the loop synchronises the device around each repeat. Memory is the
+CUDA, they come from ``triton.testing.do_bench`` when Triton is installed (its
+own warm-up and repeat counts, L2 cache cleared between runs), and otherwise
+from the same loop with the device synchronised around each repeat. Memory is the
 activation memory a step keeps for its backward: on CUDA the allocator's peak
 above the memory in use before the forward, on the CPU the bytes of the
 distinct tensors that autograd saves (parameters excluded).
@@ -22,7 +24,14 @@ def _synchronize(device: torch.device) -> None:
 
 
 def time_ms(function: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> Dict[str, float]:
-    """Run ``function`` ``warmup`` times, then time ``repeats`` runs; return median, min and max in ms."""
+    """Run ``function`` ``warmup`` times, then time ``repeats`` runs; return median, min and max in ms.
+
+    On CUDA with Triton installed, ``triton.testing.do_bench`` times it instead,
+    with its own warm-up and repeat counts.
+    """
+    if device.type == "cuda" and _do_bench() is not None:
+        median, low, high = _do_bench()(function, quantiles=[0.5, 0.0, 1.0])
+        return {"median": median, "min": low, "max": high}
     for _ in range(warmup):
         function()
     _synchronize(device)
@@ -35,9 +44,22 @@ def time_ms(function: Callable[[], object], device: torch.device, repeats: int, 
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
 
 
-def time_split_ms(forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None], device: torch.device,
+def time_split_ms(forward: Callable[[], torch.Tensor], backward: Callable[..., None], device: torch.device,
                   repeats: int, warmup: int) -> Dict[str, Dict[str, float]]:
-    """Time the forward alone, the backward alone and both, each as :func:`time_ms` reports it."""
+    """Time the forward alone, the backward alone and both; return median, min and max in ms per pass.
+
+    ``backward(output, retain_graph=False)`` runs the backward of one forward's
+    output. On CUDA with Triton the backward alone is timed on one forward's
+    graph kept with ``retain_graph=True``; ``repeats`` and ``warmup`` then do not apply.
+    """
+    if device.type == "cuda" and _do_bench() is not None:
+        # NOTE: this CUDA path has not been run on a GPU yet; the CPU path below is the tested one.
+        output = forward()
+        return {
+            "fwd": time_ms(forward, device, repeats, warmup),
+            "bwd": time_ms(lambda: backward(output, retain_graph=True), device, repeats, warmup),
+            "fwd+bwd": time_ms(lambda: backward(forward()), device, repeats, warmup),
+        }
     forward_times = time_ms(forward, device, repeats, warmup)
     both_times = time_ms(lambda: backward(forward()), device, repeats, warmup)
     backward_samples: List[float] = []
@@ -53,6 +75,15 @@ def time_split_ms(forward: Callable[[], torch.Tensor], backward: Callable[[torch
         "median": statistics.median(backward_samples), "min": min(backward_samples), "max": max(backward_samples)
     }
     return {"fwd": forward_times, "bwd": backward_times, "fwd+bwd": both_times}
+
+
+def _do_bench():
+    """Return ``triton.testing.do_bench``, or ``None`` when Triton is not installed."""
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return None
+    return do_bench
 
 
 def activation_bytes(forward: Callable[[], torch.Tensor], module: torch.nn.Module, device: torch.device) -> int:

@@ -2,41 +2,81 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 
+import pytest
+import torch
+
 from inhibmoe_fast import bench
 
+TINY = ["--device", "cpu", "--tokens", "64", "--dim", "16", "--hidden", "8", "--experts", "4", "--top-k", "2",
+        "--low-rank", "4", "--repeats", "1", "--warmup", "0", "--matmul-size", "64", "--no-progress"]
 
-def test_bench_writes_tables_and_plot(tmp_path, capsys):
+
+def _read_csv(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_bench_writes_tables_and_plots(tmp_path, capsys):
     out = tmp_path / "results"
-    code = bench.main([
-        "--device", "cpu", "--tokens", "64", "--dim", "16", "--hidden", "8", "--experts", "4", "--top-k", "2",
-        "--inhibitions", "none,local,global", "--repeats", "1", "--warmup", "0", "--matmul-size", "64",
-        "--maxpool-sizes", "40x8x16", "--out", str(out), "--no-progress",
+    code = bench.main(TINY + [
+        "--baselines", "reference,mixtral-style", "--token-sweep", "32,64", "--expert-sweep", "2,4x1",
+        "--sweep-repeats", "1", "--maxpool-sizes", "40x8x16", "--out", str(out),
     ])
     assert code == 0
-    for name in ("parity.csv", "layer.csv", "layer.png", "train.csv"):
+    for name in ("parity.csv", "layer.csv", "layer.png", "sweep.csv", "sweep.png", "train.csv"):
         assert os.path.getsize(out / name) > 0, name
-    with open(out / "layer.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    assert {(r["backend"], r["inhibition"]) for r in rows} == {
-        (b, i) for b in ("torch", "reference") for i in ("none", "local", "global")
-    }
+
+    rows = _read_csv(out / "layer.csv")
+    providers = {r["provider"] for r in rows}
+    assert providers == {"reference", "mixtral-style", "fast[torch] none", "fast[torch] local",
+                         "fast[torch] local r=4", "fast[torch] global"}
+    assert {r["pass"] for r in rows} == {"fwd", "bwd", "fwd+bwd"}
     assert all(float(r["median_ms"]) > 0 for r in rows)
-    with open(out / "parity.csv") as handle:
-        parity = list(csv.DictReader(handle))
+    assert all(float(r["min_ms"]) <= float(r["median_ms"]) <= float(r["max_ms"]) for r in rows)
+    assert all(float(r["activation_mib"]) > 0 for r in rows)
+    assert all(float(r["speedup_vs_reference"]) > 0 for r in rows)
+    assert all(r["device"] and r["torch"] == torch.__version__ and r["date"] for r in rows)
+    reference = [r for r in rows if r["provider"] == "reference"]
+    assert all(float(r["speedup_vs_reference"]) == 1.0 for r in reference)
+
+    sweep = _read_csv(out / "sweep.csv")
+    assert {(r["sweep"], r["tokens"]) for r in sweep if r["sweep"] == "tokens"} == {("tokens", "32"), ("tokens", "64")}
+    assert {(r["experts"], r["top_k"]) for r in sweep if r["sweep"] == "experts"} == {("2", "2"), ("4", "1")}
+    assert {r["provider"] for r in sweep} == {"reference", "mixtral-style", "fast[torch] none", "fast[torch] local"}
+
+    parity = _read_csv(out / "parity.csv")
     assert all(float(r["max_abs_error"]) < 1e-10 for r in parity)
     assert all(r["ids_equal"] == "True" for r in parity)
     printed = capsys.readouterr().out
     assert "matmul rate" in printed
+    assert "Sweep over tokens" in printed
     assert "Training: digits classifier" in printed
 
 
+def test_bench_times_parts_alone(tmp_path):
+    from inhibmoe_fast.kernels import routing as kernels
+
+    if not torch.cuda.is_available() and not kernels.INTERPRETED:
+        pytest.skip("the Triton kernels were defined before TRITON_INTERPRET=1 was set and no GPU is present")
+    out = tmp_path / "results"
+    code = bench.main(TINY + ["--baselines", "none", "--inhibitions", "none", "--parts",
+                              "--skip", "parity,sweep,maxpool,train", "--out", str(out)])
+    assert code == 0
+    rows = _read_csv(out / "layer.csv")
+    assert {r["provider"] for r in rows} == {"fast[torch] none", "part: route (triton, local)",
+                                             "part: experts (torch)", "part: maxpool_align"}
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+
+
+def test_bench_rejects_unknown_provider():
+    with pytest.raises(SystemExit, match="unknown provider"):
+        bench.main(TINY + ["--inhibitions", "lokal", "--skip", "parity,layer,sweep,maxpool,train"])
+
+
 def test_bench_rejects_bad_size():
-    import argparse
-
-    import pytest
-
     with pytest.raises(argparse.ArgumentTypeError, match="size '12x3' is invalid"):
         bench.parse_sizes("12x3")

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
+
+# `python -m pytest` puts the checkout root on sys.path, where the kernels/ folder would shadow
+# the unrelated top-level package named kernels that transformers imports. The tests use the
+# installed package (inhibmoe_fast.kernels), so the root is taken off the path.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _ROOT]
 
 # Without a GPU the Triton kernels run through the interpreter; Triton reads this
 # variable when a kernel is defined, which happens on first use of the kernels.

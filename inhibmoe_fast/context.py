@@ -17,7 +17,7 @@ The layer max-pools every source to its own number of tokens, so sources of
 any batch size or sequence length line up. Before the first training step no
 post-text exists and that term is zero. In evaluation mode the stored
 post-text is read but not replaced, so evaluating does not change what the
-next training step sees. Stored tensors are detached, so no autograd graph
+next training step receives. Stored tensors are detached, so no autograd graph
 outlives its step; they move to the layer's device when used.
 
 Example::

@@ -136,7 +136,7 @@ def train_language_model(inhibition: str, seed: int, steps: int = 1200, batch_si
                          curve_every: int = 50) -> LanguageResult:
     """Train one model for ``steps`` steps and return its held-out loss.
 
-    ``curve`` holds ``(step, mean training loss of the last curve_every steps)`` pairs.
+    ``curve`` contains ``(step, mean training loss of the last curve_every steps)`` pairs.
     """
     train_ids, heldout_ids, vocabulary = load_corpus(vocab_size)
     train_windows = _windows(train_ids, context_length)

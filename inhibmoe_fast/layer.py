@@ -26,7 +26,7 @@ class InhibitedMoE(MoEParameters):
     """Mixture-of-Experts layer whose router receives inhibited (gated) features.
 
     Use it in place of a feed-forward or MoE block: it maps ``x [..., D]`` to
-    ``[..., D]``. After each call ``self.aux`` holds the routing results and the
+    ``[..., D]``. After each call ``self.aux`` contains the routing results and the
     auxiliary losses (:class:`~inhibmoe_fast.outputs.MoEAux`); add
     ``self.aux.loss`` to the training loss to train with them.
 

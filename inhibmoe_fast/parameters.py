@@ -88,7 +88,7 @@ class MoEParameters(nn.Module):
         self.aux = None
 
     def __getstate__(self):
-        # ``aux`` holds the last call's autograd graph, which cannot be copied or pickled,
+        # ``aux`` references the last call's autograd graph, which cannot be copied or pickled,
         # so copies and pickles start without it.
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)

@@ -174,7 +174,7 @@ class ReferenceMoE(MoEParameters):
 
     Takes ``x [..., D]`` and an optional ``context`` (one tensor or ``None`` per
     entry of ``context_dims``, global inhibition only) and returns ``[..., D]``.
-    After each call ``self.aux`` holds the :class:`MoEAux` of that call.
+    After each call ``self.aux`` contains the :class:`MoEAux` of that call.
     Options are those of :class:`~inhibmoe_fast.config.MoEConfig`.
     """
 

@@ -84,7 +84,7 @@ def _linear(rows, weight, bias, layout: str, ends, offsets, expert_of_row):
 
 
 def experts(layer: MoEParameters, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """Run every expert MLP on its rows of ``rows [R, D]`` (laid out as ``plan`` says); return ``[R, D]``."""
+    """Run every expert MLP on its rows of ``rows [R, D]`` (in the layout of ``plan``); return ``[R, D]``."""
     return run_experts(layer, rows, plan.layout, plan.kept_counts)
 
 

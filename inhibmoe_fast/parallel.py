@@ -19,7 +19,10 @@ parameter. The capacity limit, when set, counts each rank's own tokens, and
 ``aux`` contains the routing of the rank's own tokens.
 
 The collectives are those of ``torch.distributed``: NCCL on GPUs, Gloo on the
-CPU (Gloo implements ``all_to_all`` for CPU tensors).
+CPU (Gloo implements ``all_to_all`` for CPU tensors). A backend without
+``all_to_all`` raises an error from ``torch.distributed`` on the first call;
+with such a backend, keep the layer unsharded (``InhibitedMoE``) and wrap the
+model in ``DistributedDataParallel`` instead.
 """
 
 from __future__ import annotations
@@ -40,10 +43,19 @@ _EXPERT_PARAMETERS = ("expert_up", "expert_down", "expert_up_bias", "expert_down
 
 
 def _all_to_all(tensor: torch.Tensor, output_splits, input_splits, group) -> torch.Tensor:
-    """Differentiable ``all_to_all_single`` with uneven splits along the first dimension."""
-    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+    """Differentiable ``all_to_all_single`` with uneven splits along the first dimension.
 
+    Uses the functional collective of PyTorch 2.3 and newer, and the older
+    ``torch.distributed.nn.functional.all_to_all_single`` where that is missing.
+    """
     group = dist.group.WORLD if group is None else group
+    try:
+        from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+    except ImportError:
+        from torch.distributed.nn.functional import all_to_all_single
+
+        output = tensor.new_empty((sum(output_splits),) + tuple(tensor.shape[1:]))
+        return all_to_all_single(output, tensor.contiguous(), output_splits, input_splits, group)
     return wait_tensor(all_to_all_single_autograd(tensor.contiguous(), output_splits, input_splits, group))
 
 

@@ -52,6 +52,7 @@ def _all_to_all(tensor: torch.Tensor, output_splits, input_splits, group) -> tor
     try:
         from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
     except ImportError:
+        # NOTE: only the functional-collective branch is covered by the tests (PyTorch 2.14).
         from torch.distributed.nn.functional import all_to_all_single
 
         output = tensor.new_empty((sum(output_splits),) + tuple(tensor.shape[1:]))

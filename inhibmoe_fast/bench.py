@@ -402,7 +402,7 @@ def plot_layer(path: str, layer_rows: List[Dict[str, object]], device_name: str)
         rows = [r for r in layer_rows if r["shape"] == shape]
         providers = list(dict.fromkeys(r["provider"] for r in rows))
         positions = range(len(providers))
-        labels = [p.replace("] ", "]\n").replace(": ", ":\n").replace("reference compiled", "reference\ncompiled") for p in providers]
+        labels = [p.replace("] ", "]\n").replace(": ", ":\n").replace(" compiled", "\ncompiled") for p in providers]
         for i, name in enumerate(passes):
             values = [next(r["median_ms"] for r in rows if r["provider"] == p and r["pass"] == name) for p in providers]
             latency_axis.bar([j + i * width for j in positions], values, width, label=name)

@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 from conftest import assert_close
 from inhibmoe_fast import InhibitedMoE, ReferenceMoE
 
-# Few examples per run: each one builds two layers and runs forward and backward.
-PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Few examples per run (each builds two layers and runs forward and backward), drawn the same way
+# on every run so that CI results repeat.
+PROPERTY_SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
+                             suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite

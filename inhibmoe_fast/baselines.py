@@ -58,7 +58,7 @@ class MixtralStyleMoE(nn.Module):
         """Build a block with the router and expert weights of an inhibited layer (copies, not shared tensors).
 
         ``layer`` must use SwiGLU experts without biases. Its ``expert_up [E, 2F, D]``
-        holds the gate rows ``0 .. F-1`` (``w1``) and the up rows ``F .. 2F-1``
+        contains the gate rows ``0 .. F-1`` (``w1``) and the up rows ``F .. 2F-1``
         (``w3``); ``expert_down [E, D, F]`` becomes ``w2``. The inhibition
         parameters have no counterpart and are left out.
         """

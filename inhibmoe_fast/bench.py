@@ -506,8 +506,12 @@ def select_shapes(args, device: torch.device) -> List[Shape]:
 def select_sweeps(args, device: torch.device, shapes: Sequence[Shape]):
     """Return the token sweep and the expert sweep (lists of shapes) from the options or the device's defaults."""
     gpu = device.type == "cuda"
-    tokens = args.token_sweep if args.token_sweep is not None else (GPU_TOKEN_SWEEP if gpu else CPU_TOKEN_SWEEP)
-    experts = args.expert_sweep if args.expert_sweep is not None else (GPU_EXPERT_SWEEP if gpu else CPU_EXPERT_SWEEP)
+    tokens = args.token_sweep
+    if tokens is None:
+        tokens = GPU_TOKEN_SWEEP if gpu else CPU_TOKEN_SWEEP
+    experts = args.expert_sweep
+    if experts is None:
+        experts = GPU_EXPERT_SWEEP if gpu else CPU_EXPERT_SWEEP
     experts = [(e, shapes[-1].top_k if k is None else k) for e, k in experts]
     return sweep_points(shapes, tokens, experts)
 

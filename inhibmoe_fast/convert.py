@@ -15,7 +15,7 @@ copied as they are. This is the layout of ``transformers`` 5; blocks of other
 layouts are rejected with an error that names what is missing.
 
 The converted module returns the hidden states only. The routing of each call
-is in ``layer.aux``, not in the outputs that ``transformers`` records; its
+is in ``layer.aux``, not in the outputs that ``transformers`` records. Its
 ``loss`` contains the load-balancing and z-losses when their coefficients are set.
 Router jitter noise, an option of Mixtral training, is not applied.
 """

@@ -2,9 +2,10 @@
 
 Half the images are scikit-learn's 8x8 handwritten digits (label: the digit),
 half are synthetic 8x8 images with ``n`` one-pixel squares (label: ``n``, 0 to
-9 squares, at random places with at least a one-pixel gap so they never touch). Both kinds share the labels, so a router that only receives shared
-features cannot tell the kinds apart; neural inhibition is meant to suppress
-those features before routing.
+9 squares, at random places with at least a one-pixel gap so they never touch).
+Both kinds share the labels. A router that only receives shared features
+cannot tell the kinds apart, and neural inhibition is meant to suppress those
+features before routing.
 
 The network is an embedding layer of width 50, one inhibited MoE layer with a
 residual connection and a linear head. The five configurations compare plain

@@ -20,8 +20,8 @@ parameter. The capacity limit, when set, counts each rank's own tokens, and
 
 The collectives are those of ``torch.distributed``: NCCL on GPUs, Gloo on the
 CPU (Gloo implements ``all_to_all`` for CPU tensors). A backend without
-``all_to_all`` raises an error from ``torch.distributed`` on the first call;
-with such a backend, keep the layer unsharded (``InhibitedMoE``) and wrap the
+``all_to_all`` raises an error from ``torch.distributed`` on the first call.
+With such a backend, keep the layer unsharded (``InhibitedMoE``) and wrap the
 model in ``DistributedDataParallel`` instead.
 """
 

@@ -97,7 +97,7 @@ def select_experts(cfg: MoEConfig, scores: torch.Tensor, logits: torch.Tensor):
     """Return ``(ids, weights)`` of the ``top_k`` best scores per row.
 
     A stable descending sort orders equal scores by expert index, so the lower
-    index wins ties, and puts NaN first; the ids of a row are always distinct.
+    index wins ties. The sort puts NaN first, and the ids of a row are always distinct.
     """
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     ids = order[:, : cfg.top_k]

@@ -103,6 +103,24 @@ def _low_rank_input(
 
 
 @triton.jit
+def _accumulate_linear(acc, a_ptr, w_ptr, rows, row_mask, cols, col_mask, K, stride_a_row, stride_w_row,
+                       BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Add ``a[rows, :K] @ w[cols, :K]^T`` to ``acc``, reading ``K`` in chunks of ``BLOCK_K``.
+
+    ``w`` has the ``nn.Linear`` layout ``[out, in]``, so its transposed tile is read directly.
+    """
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        a_tile = tl.load(a_ptr + rows[:, None] * stride_a_row + offs_k[None, :],
+                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_tile = tl.load(w_ptr + cols[None, :] * stride_w_row + offs_k[:, None],
+                         mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = _dot(a_tile, w_tile, acc, DOT_PRECISION, UPCAST_DOT)
+    return acc
+
+
+@triton.jit
 def _gate_pre_activation(
     x_ptr, gate_w_ptr, gate_u_ptr, gate_b_ptr, ctx_ptr, ctx_w_ptr, t,
     rows, row_mask, offs_d, d_mask, D, R, C,
@@ -118,15 +136,8 @@ def _gate_pre_activation(
     cols = offs_d.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if GATE_MODE == 1:
-        for k0 in range(0, D, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < D
-            x_tile = tl.load(x_ptr + rows[:, None] * stride_x_row + offs_k[None, :],
-                             mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            # W_g^T tile [BLOCK_K, BLOCK_D] read from W_g [D, D] (nn.Linear layout [out, in]).
-            w_tile = tl.load(gate_w_ptr + cols[None, :] * stride_gw_row + offs_k[:, None],
-                             mask=k_mask[:, None] & d_mask[None, :], other=0.0)
-            acc = _dot(x_tile, w_tile, acc, DOT_PRECISION, UPCAST_DOT)
+        acc = _accumulate_linear(acc, x_ptr, gate_w_ptr, rows, row_mask, cols, d_mask, D, stride_x_row,
+                                 stride_gw_row, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
     else:
         offs_r = tl.arange(0, BLOCK_R)
         # U^T tile [BLOCK_R, BLOCK_D] read from U [D, R].
@@ -139,14 +150,8 @@ def _gate_pre_activation(
         acc += tl.load(ctx_ptr + rows[:, None] * stride_ctx_row + offs_d[None, :],
                        mask=row_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
     elif CONTEXT_MODE == 2:
-        for c0 in range(0, C, BLOCK_K):
-            offs_c = c0 + tl.arange(0, BLOCK_K)
-            c_mask = offs_c < C
-            ctx_tile = tl.load(ctx_ptr + rows[:, None] * stride_ctx_row + offs_c[None, :],
-                               mask=row_mask[:, None] & c_mask[None, :], other=0.0)
-            cw_tile = tl.load(ctx_w_ptr + cols[None, :] * stride_cw_row + offs_c[:, None],
-                              mask=c_mask[:, None] & d_mask[None, :], other=0.0)
-            acc = _dot(ctx_tile, cw_tile, acc, DOT_PRECISION, UPCAST_DOT)
+        acc = _accumulate_linear(acc, ctx_ptr, ctx_w_ptr, rows, row_mask, cols, d_mask, C, stride_ctx_row,
+                                 stride_cw_row, BLOCK_K, DOT_PRECISION, UPCAST_DOT)
     return acc
 
 

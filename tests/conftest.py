@@ -48,7 +48,8 @@ def make_layers(dim=16, hidden=12, experts=6, k=2, backend="torch", dtype=torch.
 def run_layer(layer, x, context=None, grad_seed=1):
     """Run forward and backward; return the output, the input gradients and the parameter gradients."""
     x = x.detach().clone().requires_grad_()
-    context = None if context is None else [None if c is None else c.detach().clone().requires_grad_() for c in context]
+    if context is not None:
+        context = [None if c is None else c.detach().clone().requires_grad_() for c in context]
     layer.zero_grad(set_to_none=True)
     y = layer(x, context)
     generator = torch.Generator().manual_seed(grad_seed)

@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from . import reference, torch_backend
+from . import reference, torch_backend, triton_backend
 from .parameters import MoEParameters
 
 BACKENDS = ("auto", "torch", "reference", "triton")
@@ -37,10 +37,10 @@ class InhibitedMoE(MoEParameters):
         top_k: experts per token, ``1 <= top_k <= num_experts``.
         backend: ``"auto"`` (``"triton"`` for CUDA inputs of float32, bfloat16 or
             float16 when Triton is installed, ``"torch"`` otherwise), ``"torch"``
-            (vectorised PyTorch), ``"triton"`` (fused Triton routing kernels, then
-            the dispatch and experts of ``"torch"``; CUDA tensors, or CPU tensors
-            with ``TRITON_INTERPRET=1``) or ``"reference"`` (the plain loop of
-            :mod:`inhibmoe_fast.reference`).
+            (vectorised PyTorch), ``"triton"`` (routing, experts and combine in
+            Triton kernels with no host synchronisation; CUDA tensors, or CPU
+            tensors with ``TRITON_INTERPRET=1``) or ``"reference"`` (the plain
+            loop of :mod:`inhibmoe_fast.reference`).
         device, dtype: where and in which dtype to create the parameters.
         **options: the options of :class:`~inhibmoe_fast.config.MoEConfig`
             (``inhibition``, ``gate_rank``, ``context_dims``, ``score``, ...).
@@ -79,14 +79,8 @@ class InhibitedMoE(MoEParameters):
         """Run the layer on ``x [..., D]``; ``context`` is one tensor or ``None`` per context source."""
         tokens, sources = self.check_input(x, context)
         backend = self.resolved_backend(x.device, x.dtype)
-        if backend == "triton":
-            # Imported here so that TRITON_INTERPRET may be set after inhibmoe_fast is imported.
-            from .routing import triton_route
-
-            y, self.aux = torch_backend.moe_forward(self, tokens, sources, router=triton_route)
-        else:
-            implementation = reference if backend == "reference" else torch_backend
-            y, self.aux = implementation.moe_forward(self, tokens, sources)
+        implementation = {"reference": reference, "torch": torch_backend, "triton": triton_backend}[backend]
+        y, self.aux = implementation.moe_forward(self, tokens, sources)
         return y.reshape(x.shape)
 
     def extra_repr(self) -> str:

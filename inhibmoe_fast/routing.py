@@ -2,9 +2,7 @@
 
 :func:`route` runs inhibition gate, router logits, scores, top-k, weights and
 dispatch metadata in the fused kernels of :mod:`inhibmoe_fast.kernels.routing`
-and is differentiable with respect to every floating input. :func:`triton_route`
-adapts it to a layer, for ``torch_backend.moe_forward(layer, x, context,
-router=triton_route)``.
+and is differentiable with respect to every floating input.
 
 Only the logits ``[N, E]``, ids and weights ``[N, k]`` are saved for the
 backward (besides the inputs, and the context when one is given): the
@@ -20,11 +18,6 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
-
-from . import ops
-from .outputs import Routing
-from .parameters import MoEParameters
 
 SCORES = ("softmax", "sigmoid")
 
@@ -142,59 +135,3 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: Optional[to
     _kernels().check_route_inputs(*tensors[:3], top_k, *tensors[3:])
     outputs = RouteFunction.apply(*tensors, top_k, score, bool(renormalize), bool(dispatch))
     return RouteResult(*outputs)
-
-
-def context_inputs(layer: MoEParameters, x: torch.Tensor, context):
-    """Return ``(aligned sources [N, C], weights [D, C])`` of the global context, or ``(None, None)``.
-
-    Each present source is max-pooled to the ``N`` rows of ``x`` and cast to
-    its dtype. The sources and their projection matrices are concatenated along
-    the feature dimension, so the kernel adds ``sum_s aligned_s W_s^T`` as one product.
-    """
-    weights = getattr(layer, "context_weights", None)
-    if weights is None or context is None:
-        return None, None
-    sources, projections = [], []
-    for source, weight in zip(context, weights):
-        if source is not None:
-            sources.append(ops.maxpool_align(source, x.shape[0])[0].to(x.dtype))
-            projections.append(weight)
-    if not sources:
-        return None, None
-    if len(sources) == 1:
-        return sources[0], projections[0]
-    return torch.cat(sources, dim=1), torch.cat(projections, dim=1)
-
-
-def triton_route(layer: MoEParameters, x: torch.Tensor, context) -> Routing:
-    """Route tokens ``x [N, D]`` of ``layer`` with the fused Triton kernels.
-
-    Usable as ``torch_backend.moe_forward(layer, x, context, router=triton_route)``.
-    Inhibition ``"none"`` runs the kernels without a gate. ``"dropout"`` applies
-    ``torch.nn.functional.dropout`` in PyTorch first (in training) and routes
-    the result without a gate. The dropped input is returned as ``gated_input``,
-    so experts fed with ``u`` see the same mask. Float64 layers raise
-    ``TypeError`` because the kernels support float32, bfloat16 and float16 only.
-    """
-    cfg = layer.config
-    if x.dtype == torch.float64:
-        raise TypeError(
-            "backend='triton' does not support float64 (the kernels take float32, bfloat16 and float16); "
-            "use backend='torch' or 'reference' for float64"
-        )
-    gate = {}
-    router_input = x
-    if cfg.inhibition == "dropout":
-        router_input = F.dropout(x, cfg.dropout_p, layer.training)
-    elif cfg.has_gate:
-        if cfg.gate_rank is None:
-            gate["gate_weight"] = layer.inhibit_weight
-        else:
-            gate["gate_u"], gate["gate_v"] = layer.inhibit_u, layer.inhibit_v
-        gate["gate_bias"] = layer.inhibit_bias
-        gate["context"], gate["context_weight"] = context_inputs(layer, x, context)
-    result = route(router_input, layer.router_weight, layer.router_bias, top_k=cfg.top_k, score=cfg.score,
-                   renormalize=cfg.renormalize, dispatch=False, **gate)
-    # With a gate, gated_input stays None: moe_forward recomputes u in PyTorch when the experts need it.
-    gated_input = None if cfg.has_gate else router_input
-    return Routing(result.logits, result.ids, result.weights, None, gated_input)

@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import INTERPRETED, check_device, check_tensor, dot, dot_precision
+
 MAX_EXPERTS = 1024
 MAX_GATE_RANK = 256
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -60,22 +62,6 @@ _PADDING_KEY = -2147483646
 # ----------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """Return ``acc + a @ b`` with float32 accumulation.
-
-    ``UPCAST_DOT`` multiplies in float32, which is exact for 16-bit operands up
-    to the summation order.
-    NOTE: the interpreter needs ``UPCAST_DOT`` because its ``tl.dot`` returns
-    wrong values for bfloat16 operands (seen with Triton 3.8.0).
-    """
-    if UPCAST_DOT:
-        result = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        result = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    return result
 
 
 @triton.jit
@@ -98,7 +84,7 @@ def _low_rank_input(
         # V^T tile [BLOCK_K, BLOCK_R] read from V [R, D].
         v_tile = tl.load(gate_v_ptr + offs_r[None, :].to(tl.int64) * stride_gv_row + offs_k[:, None],
                          mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-        t = _dot(x_tile, v_tile, t, DOT_PRECISION, UPCAST_DOT)
+        t = dot(x_tile, v_tile, t, DOT_PRECISION, UPCAST_DOT)
     return t
 
 
@@ -116,7 +102,7 @@ def _accumulate_linear(acc, a_ptr, w_ptr, rows, row_mask, cols, col_mask, K, str
                          mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w_tile = tl.load(w_ptr + cols[None, :] * stride_w_row + offs_k[:, None],
                          mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc = _dot(a_tile, w_tile, acc, DOT_PRECISION, UPCAST_DOT)
+        acc = dot(a_tile, w_tile, acc, DOT_PRECISION, UPCAST_DOT)
     return acc
 
 
@@ -143,7 +129,7 @@ def _gate_pre_activation(
         # U^T tile [BLOCK_R, BLOCK_D] read from U [D, R].
         u_tile = tl.load(gate_u_ptr + cols[None, :] * stride_gu_row + offs_r[:, None],
                          mask=(offs_r[:, None] < R) & d_mask[None, :], other=0.0)
-        acc = _dot(t, u_tile, acc, DOT_PRECISION, UPCAST_DOT)
+        acc = dot(t, u_tile, acc, DOT_PRECISION, UPCAST_DOT)
     if HAS_GATE_BIAS:
         acc += tl.load(gate_b_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
     if CONTEXT_MODE == 1:
@@ -233,7 +219,7 @@ def _route_forward_kernel(
         # W_r^T tile [BLOCK_D, BLOCK_E] read from W_r [E, D].
         w_tile = tl.load(router_w_ptr + offs_e[None, :].to(tl.int64) * stride_rw_row + offs_d[:, None],
                          mask=d_mask[:, None] & e_mask[None, :], other=0.0)
-        z = _dot(u, w_tile, z, DOT_PRECISION, UPCAST_DOT)
+        z = dot(u, w_tile, z, DOT_PRECISION, UPCAST_DOT)
     if HAS_ROUTER_BIAS:
         z += tl.load(router_b_ptr + offs_e, mask=e_mask, other=0.0).to(tl.float32)[None, :]
     out_mask = row_mask[:, None] & e_mask[None, :]
@@ -466,9 +452,9 @@ def _matmul_kernel(
         b = tl.load(b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if FLOAT32_OPERANDS:
-            acc = _dot(a.to(tl.float32), b.to(tl.float32), acc, "ieee", UPCAST_DOT)
+            acc = dot(a.to(tl.float32), b.to(tl.float32), acc, "ieee", UPCAST_DOT)
         else:
-            acc = _dot(a.to(b.dtype), b, acc, DOT_PRECISION, UPCAST_DOT)
+            acc = dot(a.to(b.dtype), b, acc, DOT_PRECISION, UPCAST_DOT)
     c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn
     c_mask = m_mask[:, None] & n_mask[None, :]
     if ACCUMULATE:
@@ -476,8 +462,6 @@ def _matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-# True when the kernels above were built by the Triton interpreter (TRITON_INTERPRET=1 at import).
-INTERPRETED = not isinstance(_route_forward_kernel, triton.runtime.JITFunction)
 
 
 # ----------------------------------------------------------------------------
@@ -507,39 +491,6 @@ class BackwardResult(NamedTuple):
     gate_bias: Optional[torch.Tensor]
     context: Optional[torch.Tensor]
     context_weight: Optional[torch.Tensor]
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # "ieee" keeps float32 products exact on GPUs (no tf32), so the interpreter and
-    # the GPU compute the same function. The setting only affects float32 operands.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _check_device(name: str, tensor: torch.Tensor) -> None:
-    if tensor.device.type == "cpu" and not INTERPRETED:
-        raise RuntimeError(
-            f"{name} is on the CPU, but the Triton kernels run on CUDA devices only; move the tensors to a GPU, "
-            "or set TRITON_INTERPRET=1 before inhibmoe_fast.kernels is imported to run them through the Triton "
-            "interpreter"
-        )
-
-
-def _check_tensor(name: str, tensor, shape, dtype: torch.dtype, device: torch.device) -> None:
-    """Check one input: a tensor of ``shape`` (``None`` entries match any size), ``dtype``, ``device``, unit stride."""
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dim() != len(shape) or any(s is not None and s != t for s, t in zip(shape, tensor.shape)):
-        expected = ", ".join("*" if s is None else str(s) for s in shape)
-        raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected [{expected}]")
-    if tensor.dtype != dtype:
-        raise TypeError(f"{name} has dtype {tensor.dtype}; expected {dtype} (the dtype of x)")
-    if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device}; expected {device} (the device of x)")
-    if tensor.numel() > 0 and tensor.stride(-1) != 1:
-        raise ValueError(
-            f"{name} has strides {tuple(tensor.stride())}; the last dimension must have stride 1 "
-            f"(call .contiguous() on it)"
-        )
 
 
 def _block_sizes(num_experts: int, top_k: int, rank: int):
@@ -581,18 +532,18 @@ def check_route_inputs(x, router_weight, router_bias, top_k, gate_weight, gate_u
         raise ValueError(f"x has shape {tuple(x.shape)}; expected [N, D]")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; the Triton routing kernels support float32, bfloat16 and float16")
-    _check_device("x", x)
+    check_device("x", x)
     num_tokens, dim = x.shape
     dtype, device = x.dtype, x.device
-    _check_tensor("x", x, (num_tokens, dim), dtype, device)
-    _check_tensor("router_weight", router_weight, (None, dim), dtype, device)
+    check_tensor("x", x, (num_tokens, dim), dtype, device)
+    check_tensor("router_weight", router_weight, (None, dim), dtype, device)
     num_experts = router_weight.shape[0]
     if not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(
             f"router_weight has {num_experts} rows (experts); the fused routing kernel supports 1 to {MAX_EXPERTS}"
         )
     if router_bias is not None:
-        _check_tensor("router_bias", router_bias, (num_experts,), dtype, device)
+        check_tensor("router_bias", router_bias, (num_experts,), dtype, device)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k!r} is out of range for num_experts={num_experts}; expected 1 <= top_k <= num_experts")
     if gate_weight is not None and (gate_u is not None or gate_v is not None):
@@ -601,25 +552,25 @@ def check_route_inputs(x, router_weight, router_bias, top_k, gate_weight, gate_u
         raise ValueError("a low-rank gate needs both gate_u [D, r] and gate_v [r, D]; one of them is missing")
     has_gate = gate_weight is not None or gate_u is not None
     if gate_weight is not None:
-        _check_tensor("gate_weight", gate_weight, (dim, dim), dtype, device)
+        check_tensor("gate_weight", gate_weight, (dim, dim), dtype, device)
     if gate_u is not None:
-        _check_tensor("gate_u", gate_u, (dim, None), dtype, device)
+        check_tensor("gate_u", gate_u, (dim, None), dtype, device)
         rank = gate_u.shape[1]
-        _check_tensor("gate_v", gate_v, (rank, dim), dtype, device)
+        check_tensor("gate_v", gate_v, (rank, dim), dtype, device)
         if not 1 <= rank <= MAX_GATE_RANK:
             raise ValueError(f"gate_u has rank {rank}; the fused routing kernel supports ranks 1 to {MAX_GATE_RANK}")
     if gate_bias is not None:
         if not has_gate:
             raise ValueError("gate_bias was given without gate_weight or gate_u/gate_v")
-        _check_tensor("gate_bias", gate_bias, (dim,), dtype, device)
+        check_tensor("gate_bias", gate_bias, (dim,), dtype, device)
     if context is not None:
         if not has_gate:
             raise ValueError("context was given without gate_weight or gate_u/gate_v; the context term feeds the gate")
         if context_weight is None:
-            _check_tensor("context", context, (num_tokens, dim), dtype, device)
+            check_tensor("context", context, (num_tokens, dim), dtype, device)
         else:
-            _check_tensor("context", context, (num_tokens, None), dtype, device)
-            _check_tensor("context_weight", context_weight, (dim, context.shape[1]), dtype, device)
+            check_tensor("context", context, (num_tokens, None), dtype, device)
+            check_tensor("context_weight", context_weight, (dim, context.shape[1]), dtype, device)
     elif context_weight is not None:
         raise ValueError("context_weight was given without context")
 
@@ -676,7 +627,7 @@ def route_forward(x, router_weight, router_bias=None, *, top_k: int, softmax: bo
         _row_stride(context_weight), router_weight.stride(0),
         GATE_MODE=_gate_mode(gate_weight, gate_u), HAS_GATE_BIAS=gate_bias is not None, CONTEXT_MODE=context_mode,
         HAS_ROUTER_BIAS=router_bias is not None, SOFTMAX=bool(softmax), RENORMALIZE=bool(renormalize),
-        DOT_PRECISION=_dot_precision(x.dtype), UPCAST_DOT=INTERPRETED, **blocks,
+        DOT_PRECISION=dot_precision(x.dtype), UPCAST_DOT=INTERPRETED, **blocks,
     )
     return ForwardResult(logits, ids, weights, tile_counts, block_m)
 
@@ -746,7 +697,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None,
         a, b, out, M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         ACCUMULATE=accumulate, FLOAT32_OPERANDS=float32_operands, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32,
-        DOT_PRECISION=_dot_precision(dot_dtype), UPCAST_DOT=INTERPRETED,
+        DOT_PRECISION=dot_precision(dot_dtype), UPCAST_DOT=INTERPRETED,
     )
     return out
 
@@ -783,9 +734,9 @@ def route_backward(x, router_weight, router_bias, gate_weight, gate_u, gate_v, g
     u = torch.empty(num_tokens, dim, dtype=x.dtype, device=device) if store_u else None
     t = torch.empty(num_tokens, rank, **f32) if gate_mode == GATE_LOW_RANK else None
     if grad_weights is not None:
-        _check_tensor("grad_weights", grad_weights, (num_tokens, top_k), grad_weights.dtype, device)
+        check_tensor("grad_weights", grad_weights, (num_tokens, top_k), grad_weights.dtype, device)
     if grad_logits is not None:
-        _check_tensor("grad_logits", grad_logits, (num_tokens, num_experts), grad_logits.dtype, device)
+        check_tensor("grad_logits", grad_logits, (num_tokens, num_experts), grad_logits.dtype, device)
 
     if num_tokens > 0:
         blocks = _block_sizes(num_experts, top_k, rank)
@@ -801,7 +752,7 @@ def route_backward(x, router_weight, router_bias, gate_weight, gate_u, gate_v, g
             GATE_MODE=gate_mode, HAS_GATE_BIAS=gate_bias is not None, CONTEXT_MODE=context_mode,
             SOFTMAX=bool(softmax), RENORMALIZE=bool(renormalize),
             HAS_GRAD_WEIGHTS=grad_weights is not None, HAS_GRAD_LOGITS=grad_logits is not None, STORE_U=store_u,
-            DOT_PRECISION=_dot_precision(x.dtype), UPCAST_DOT=INTERPRETED, **blocks,
+            DOT_PRECISION=dot_precision(x.dtype), UPCAST_DOT=INTERPRETED, **blocks,
         )
 
     def cast(grad, like):

@@ -1,0 +1,34 @@
+"""Package-wide settings: deterministic mode.
+
+In deterministic mode (the default) the Triton expert kernels run with one
+fixed launch configuration per GPU generation, so the same inputs give the same
+bits in every process on GPUs of that generation. With it off, the kernels time
+a few candidate configurations on the first call of each shape and keep the
+fastest; the choice can differ from process to process, and so can the
+rounding of the matrix products. Within one process, repeated calls give the
+same bits in both modes: no kernel of the package accumulates with atomics.
+
+``torch.use_deterministic_algorithms(True)`` also turns the mode on. The
+environment variable ``INHIBMOE_FAST_DETERMINISTIC=0`` sets the initial value off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_deterministic = os.environ.get("INHIBMOE_FAST_DETERMINISTIC", "1") != "0"
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Turn deterministic mode on or off for the whole process."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    global _deterministic
+    _deterministic = enabled
+
+
+def is_deterministic() -> bool:
+    """Return True when deterministic mode is on (set here or by ``torch.use_deterministic_algorithms``)."""
+    return _deterministic or torch.are_deterministic_algorithms_enabled()

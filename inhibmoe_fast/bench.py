@@ -275,12 +275,17 @@ def build_providers(shape: Shape, device: torch.device, baselines: Sequence[str]
 def part_providers(shape: Shape, device: torch.device, dtype: torch.dtype, shared) -> List[Provider]:
     """Build providers for the fast layer's parts alone: fused routing, the experts, ``maxpool_align``.
 
-    Routing uses the full local gate of :func:`inhibmoe_fast.ops.route`, so it
-    needs CUDA, or the Triton interpreter (``TRITON_INTERPRET=1``) on the CPU.
+    Routing uses the full local gate of :func:`inhibmoe_fast.ops.route`. The
+    experts run twice on the same dispatch: through the ``"torch"`` backend
+    (PyTorch matrix products over gathered rows) and through the Triton expert
+    kernels, combine included. Routing and the Triton experts need CUDA, or the
+    Triton interpreter (``TRITON_INTERPRET=1``) on the CPU.
     """
     # NOTE: meant for CUDA and not run on a GPU yet; the tests run it on the CPU under the Triton interpreter.
     from . import ops
     from .dispatch import gather_tokens, plan_dispatch
+    from .expert_ops import experts as triton_experts
+    from .kernels.experts import expert_layout
     from .torch_backend import PADDED_LAYOUT_MAX_RATIO, experts
 
     dims = (shape.dim, shape.hidden, shape.experts, shape.top_k)
@@ -294,15 +299,21 @@ def part_providers(shape: Shape, device: torch.device, dtype: torch.dtype, share
                          gate_bias=layer.inhibit_bias).weights
 
     with torch.no_grad():
-        ids = ops.route(x, layer.router_weight, layer.router_bias, top_k=shape.top_k, dispatch=False).ids
-    plan = plan_dispatch(ids, shape.experts, None, PADDED_LAYOUT_MAX_RATIO)
+        routing = ops.route(x, layer.router_weight, layer.router_bias, top_k=shape.top_k)
+    plan = plan_dispatch(routing.ids, shape.experts, None, PADDED_LAYOUT_MAX_RATIO)
     rows = gather_tokens(x.detach(), plan, shape.top_k).requires_grad_()
+    layout = expert_layout(routing.ids, shape.experts, None, routing.order, routing.offsets, routing.counts)
+    weights = routing.weights.detach().requires_grad_()
+
+    def kernel_experts():
+        return triton_experts(x, weights, layout, layer.expert_up, None, layer.expert_down, None, "swiglu")
     source = torch.randn(2 * shape.tokens, shape.dim, device=device, dtype=dtype, requires_grad=True)
     route_flops = layer_flops(shape.tokens, shape.dim, 0, shape.experts, 0, "local", None, "swiglu")
     expert_flops = 2 * shape.tokens * shape.top_k * shape.dim * shape.hidden * 3
     return [
         Provider("part: route (triton, local)", layer, route, [x], route_flops),
         Provider("part: experts (torch)", layer, lambda: experts(layer, rows, plan), [rows], expert_flops),
+        Provider("part: experts+combine (triton)", layer, kernel_experts, [x, weights], expert_flops),
         Provider("part: maxpool_align", layer, lambda: ops.maxpool_align(source, shape.tokens)[0], [source], None),
     ]
 

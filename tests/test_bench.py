@@ -68,7 +68,8 @@ def test_bench_times_parts_alone(tmp_path):
     assert code == 0
     rows = _read_csv(out / "layer.csv")
     assert {r["provider"] for r in rows} == {"fast[torch] none", "part: route (triton, local)",
-                                             "part: experts (torch)", "part: maxpool_align"}
+                                             "part: experts (torch)", "part: experts+combine (triton)",
+                                             "part: maxpool_align"}
     assert all(float(r["median_ms"]) > 0 for r in rows)
 
 

@@ -2,7 +2,10 @@
 
 :func:`route` runs inhibition gate, router logits, scores, top-k, weights and
 dispatch metadata in the fused kernels of :mod:`inhibmoe_fast.kernels.routing`
-and is differentiable with respect to every floating input.
+and is differentiable with respect to every floating input. The kernels are
+registered as the operators ``torch.ops.inhibmoe_fast.triton_route`` and
+``triton_route_backward``, with fake kernels, so ``torch.compile`` traces
+them without a graph break.
 
 Only the logits ``[N, E]``, ids and weights ``[N, k]`` are saved for the
 backward (besides the inputs, and the context when one is given): the
@@ -15,9 +18,10 @@ the Triton interpreter.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
+from torch import Tensor
 
 SCORES = ("softmax", "sigmoid")
 
@@ -50,40 +54,94 @@ class RouteResult(NamedTuple):
     order: Optional[torch.Tensor]
 
 
-class RouteFunction(torch.autograd.Function):
-    """Autograd wrapper of the fused routing kernels; see :func:`route` for the arguments."""
+_INPUT_NAMES = ("x", "router_weight", "router_bias", "gate_weight", "gate_u", "gate_v", "gate_bias", "context",
+                "context_weight")
 
-    @staticmethod
-    def forward(ctx, x, router_weight, router_bias, gate_weight, gate_u, gate_v, gate_bias, context, context_weight,
-                top_k, score, renormalize, dispatch):
-        kernels = _kernels()
-        softmax = score == "softmax"
-        result = kernels.route_forward(
-            x, router_weight, router_bias, top_k=top_k, softmax=softmax, renormalize=renormalize,
-            gate_weight=gate_weight, gate_u=gate_u, gate_v=gate_v, gate_bias=gate_bias,
-            context=context, context_weight=context_weight,
-        )
-        if dispatch:
-            counts, offsets, order = kernels.dispatch_metadata(result.ids, result.tile_counts, result.block_m)
-        else:
-            counts, offsets, order = result.tile_counts.sum(dim=0, dtype=torch.int64), None, None
-        ctx.save_for_backward(x, router_weight, router_bias, gate_weight, gate_u, gate_v, gate_bias, context,
-                              context_weight, result.logits, result.ids)
-        ctx.softmax, ctx.renormalize = softmax, renormalize
-        ctx.mark_non_differentiable(*(t for t in (result.ids, counts, offsets, order) if t is not None))
-        return result.logits, result.ids, result.weights, counts, offsets, order
 
-    @staticmethod
-    def backward(ctx, grad_logits, grad_ids, grad_weights, grad_counts, grad_offsets, grad_order):
-        saved = ctx.saved_tensors
-        logits, ids = saved[-2:]
-        grads = _kernels().route_backward(
-            *saved[:-2], logits, ids, softmax=ctx.softmax, renormalize=ctx.renormalize,
-            grad_weights=None if grad_weights is None else grad_weights.contiguous(),
-            grad_logits=None if grad_logits is None else grad_logits.contiguous(),
-            needs_input_grad=ctx.needs_input_grad[:9],
-        )
-        return (*grads, None, None, None, None)
+@torch.library.custom_op("inhibmoe_fast::triton_route", mutates_args=())
+def triton_route(
+    x: Tensor, router_weight: Tensor, router_bias: Optional[Tensor], gate_weight: Optional[Tensor],
+    gate_u: Optional[Tensor], gate_v: Optional[Tensor], gate_bias: Optional[Tensor], context: Optional[Tensor],
+    context_weight: Optional[Tensor], top_k: int, softmax: bool, renormalize: bool, dispatch: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The fused routing kernels as an operator: ``(logits, ids, weights, counts, offsets, order)``.
+
+    ``offsets`` and ``order`` are empty when ``dispatch`` is False. The inputs
+    are checked by :func:`route`.
+    """
+    kernels = _kernels()
+    result = kernels.route_forward(
+        x, router_weight, router_bias, top_k=top_k, softmax=softmax, renormalize=renormalize,
+        gate_weight=gate_weight, gate_u=gate_u, gate_v=gate_v, gate_bias=gate_bias,
+        context=context, context_weight=context_weight,
+    )
+    if dispatch:
+        counts, offsets, order = kernels.dispatch_metadata(result.ids, result.tile_counts, result.block_m)
+    else:
+        counts = result.tile_counts.sum(dim=0, dtype=torch.int64)
+        offsets = torch.empty(0, dtype=torch.int64, device=x.device)
+        order = torch.empty(0, dtype=torch.int64, device=x.device)
+    return result.logits, result.ids, result.weights, counts, offsets, order
+
+
+@triton_route.register_fake
+def _triton_route_fake(x, router_weight, router_bias, gate_weight, gate_u, gate_v, gate_bias, context,
+                       context_weight, top_k, softmax, renormalize, dispatch):
+    num_tokens, num_experts = x.shape[0], router_weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    i64 = dict(dtype=torch.int64, device=x.device)
+    offsets = torch.empty(num_experts + 1 if dispatch else 0, **i64)
+    order = torch.empty(num_tokens * top_k if dispatch else 0, **i64)
+    return (torch.empty(num_tokens, num_experts, **f32), torch.empty(num_tokens, top_k, **i64),
+            torch.empty(num_tokens, top_k, **f32), torch.empty(num_experts, **i64), offsets, order)
+
+
+@torch.library.custom_op("inhibmoe_fast::triton_route_backward", mutates_args=())
+def triton_route_backward(
+    grad_logits: Optional[Tensor], grad_weights: Optional[Tensor], x: Tensor, router_weight: Tensor,
+    router_bias: Optional[Tensor], gate_weight: Optional[Tensor], gate_u: Optional[Tensor], gate_v: Optional[Tensor],
+    gate_bias: Optional[Tensor], context: Optional[Tensor], context_weight: Optional[Tensor], logits: Tensor,
+    ids: Tensor, softmax: bool, renormalize: bool, needs_grad: List[bool],
+) -> List[Tensor]:
+    """Gradients of the nine routing inputs from those of ``logits`` and ``weights`` (either may be ``None``).
+
+    An entry whose ``needs_grad`` flag is False, or whose input is absent, is an empty tensor.
+    """
+    grads = _kernels().route_backward(
+        x, router_weight, router_bias, gate_weight, gate_u, gate_v, gate_bias, context, context_weight, logits, ids,
+        softmax=softmax, renormalize=renormalize,
+        grad_weights=None if grad_weights is None else grad_weights.contiguous(),
+        grad_logits=None if grad_logits is None else grad_logits.contiguous(),
+        needs_input_grad=tuple(needs_grad),
+    )
+    return [x.new_empty(0) if grad is None else grad for grad in grads]
+
+
+@triton_route_backward.register_fake
+def _triton_route_backward_fake(grad_logits, grad_weights, x, router_weight, router_bias, gate_weight, gate_u,
+                                gate_v, gate_bias, context, context_weight, logits, ids, softmax, renormalize,
+                                needs_grad):
+    inputs = (x, router_weight, router_bias, gate_weight, gate_u, gate_v, gate_bias, context, context_weight)
+    return [torch.empty_like(t) if flag and t is not None else x.new_empty(0) for flag, t in zip(needs_grad, inputs)]
+
+
+def _setup_route_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:9], output[0], output[1])
+    ctx.softmax, ctx.renormalize = inputs[10], inputs[11]
+    ctx.mark_non_differentiable(output[1], *output[3:])  # ids, counts, offsets, order
+
+
+def _route_backward(ctx, grad_logits, grad_ids, grad_weights, grad_counts, grad_offsets, grad_order):
+    saved = ctx.saved_tensors
+    inputs, (logits, ids) = saved[:9], saved[9:]
+    needs = [bool(flag) and t is not None for flag, t in zip(ctx.needs_input_grad[:9], inputs)]
+    grads = torch.ops.inhibmoe_fast.triton_route_backward(
+        grad_logits, grad_weights, *inputs, logits, ids, ctx.softmax, ctx.renormalize, needs,
+    )
+    return (*(grad if need else None for grad, need in zip(grads, needs)), None, None, None, None)
+
+
+triton_route.register_autograd(_route_backward, setup_context=_setup_route_context)
 
 
 def _unit_stride(tensor):
@@ -133,5 +191,8 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, router_bias: Optional[to
     tensors = [x, router_weight, router_bias, gate_weight, gate_u, gate_v, gate_bias, context, context_weight]
     tensors = [_unit_stride(t) for t in tensors]
     _kernels().check_route_inputs(*tensors[:3], top_k, *tensors[3:])
-    outputs = RouteFunction.apply(*tensors, top_k, score, bool(renormalize), bool(dispatch))
-    return RouteResult(*outputs)
+    logits, ids, weights, counts, offsets, order = torch.ops.inhibmoe_fast.triton_route(
+        *tensors, int(top_k), score == "softmax", bool(renormalize), bool(dispatch))
+    if not dispatch:
+        offsets = order = None
+    return RouteResult(logits, ids, weights, counts, offsets, order)

@@ -322,3 +322,69 @@ def test_layer_experts_function_gradients():
     assert_close(y.detach().double().cpu(), y_ref, "y", atol, 1e-4)
     for name in GRAD_NAMES:
         assert_close(cast[name].grad.double().cpu(), grads_ref[name], f"grad of {name}", atol, 1e-4)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("options", [
+    dict(inhibition="local"),
+    dict(inhibition="global", context_dims=(5,), gate_rank=4, capacity_factor=0.7),
+    dict(inhibition="dropout", inhibit_experts=True, activation="gelu", expert_bias=True),
+], ids=["local", "global-capacity", "dropout-gelu"])
+def test_layer_compiles_fullgraph(options, dynamic):
+    # Every kernel is a torch.library operator with a fake kernel, so the whole layer traces as one graph.
+    torch.manual_seed(0)
+    layer = InhibitedMoE(16, 12, 4, 2, backend="triton", device=DEVICE, **options)
+    x = torch.randn(10, 16, device=DEVICE, requires_grad=True)
+    context = [torch.randn(7, 5, device=DEVICE)] if options["inhibition"] == "global" else None
+
+    def loss(x, context):
+        return layer(x, context).square().sum() + layer.aux.loss
+
+    def run(function):
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout mask in both runs
+        value = function(x, context)
+        value.backward()
+        return value.detach(), x.grad, {name: p.grad for name, p in layer.named_parameters() if p.grad is not None}
+
+    eager = run(loss)
+    compiled = run(torch.compile(loss, fullgraph=True, dynamic=dynamic, backend="aot_eager"))
+    assert_close(compiled[0], eager[0], "loss", 1e-6, 1e-6)
+    assert_close(compiled[1], eager[1], "grad of x", 1e-6, 1e-6)
+    assert compiled[2].keys() == eager[2].keys()
+    for name in eager[2]:
+        assert_close(compiled[2][name], eager[2][name], f"grad of {name}", 1e-6, 1e-6)
+
+
+def test_deterministic_mode_switch():
+    from inhibmoe_fast import settings
+
+    assert settings.is_deterministic()
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        settings.set_deterministic(1)
+    torch.manual_seed(0)
+    layer = InhibitedMoE(16, 12, 4, 2, backend="triton", device=DEVICE, inhibition="local")
+    x = torch.randn(21, 16, device=DEVICE)
+    fixed = layer(x)
+    settings.set_deterministic(False)
+    try:
+        assert not settings.is_deterministic()
+        first, second = layer(x), layer(x)
+        with _deterministic_algorithms():
+            assert settings.is_deterministic()
+    finally:
+        settings.set_deterministic(True)
+    assert torch.equal(first, second)
+    assert_close(first, fixed, "autotuned output", 1e-6, 1e-5)
+
+
+class _deterministic_algorithms:
+    """Turn on ``torch.use_deterministic_algorithms`` for a ``with`` block."""
+
+    def __enter__(self):
+        self.previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self.previous)

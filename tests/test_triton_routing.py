@@ -574,3 +574,15 @@ def test_sigmoid_renormalized_underflow_matches_reference():
     result.weights[:, 0].sum().backward()
     assert torch.isfinite(router_weight.grad).all()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("gate,context", [("none", None), ("full", "projected"), ("low_rank", "term")])
+def test_route_operator_passes_opcheck(gate, context):
+    inputs = to_device(make_inputs(9, 16, 5, gate=gate, context=context), torch.float32)
+    tensors = [inputs.get(name) for name in ("x", "router_weight", "router_bias", "gate_weight", "gate_u", "gate_v",
+                                             "gate_bias", "context", "context_weight")]
+    for tensor in tensors:
+        if tensor is not None:
+            tensor.requires_grad_()
+    for dispatch in (True, False):
+        torch.library.opcheck(torch.ops.inhibmoe_fast.triton_route, (*tensors, 2, True, True, dispatch))

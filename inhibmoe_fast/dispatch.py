@@ -14,6 +14,11 @@ expert rows, in token order:
 ``pair_of_row`` each row to its pair (``N * k`` for a padding row). Index ``R``
 or ``N * k`` selects an appended zero row, so both gathers and their backwards
 are plain ``index_select`` calls with no scatter and no atomics.
+
+:func:`plan_dispatch` reads the per-expert counts on the host to size the
+buffer. :func:`plan_fixed_dispatch` builds a grouped plan whose shapes depend
+on ``N`` and ``k`` alone, for ``torch.compile``: every pair gets a row, and a
+dropped pair's row reads zeros and is not copied back.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ class DispatchPlan:
         layout: ``"grouped"`` or ``"padded"``.
         counts: pairs routed to each expert ``[E]``, before the capacity limit.
         kept_counts: pairs kept per expert ``[E]`` (equal to ``counts`` without capacity).
+        group_sizes: rows of each expert in the grouped layout ``[E]``: ``kept_counts``, or
+            ``counts`` for a plan from :func:`plan_fixed_dispatch`.
         kept: ``[N, k]`` bool mask of kept pairs.
         row_of_pair: ``[N * k]`` row of each pair, ``num_rows`` for a dropped pair.
         pair_of_row: ``[num_rows]`` pair of each row, ``N * k`` for a padding row.
@@ -43,6 +50,7 @@ class DispatchPlan:
     layout: str
     counts: torch.Tensor
     kept_counts: torch.Tensor
+    group_sizes: torch.Tensor
     kept: torch.Tensor
     row_of_pair: torch.Tensor
     pair_of_row: torch.Tensor
@@ -91,7 +99,44 @@ def plan_dispatch(ids: torch.Tensor, num_experts: int, capacity: int | None, max
     pair_of_row[rows] = sorted_pairs
     kept = row_of_pair.view(num_tokens, k) < num_rows
     return DispatchPlan(
-        layout, counts, kept_counts, kept, row_of_pair, pair_of_row, num_rows, rows_per_expert, all_kept, num_rows > num_kept
+        layout, counts, kept_counts, kept_counts, kept, row_of_pair, pair_of_row, num_rows, rows_per_expert, all_kept,
+        num_rows > num_kept,
+    )
+
+
+def plan_fixed_dispatch(ids: torch.Tensor, num_experts: int, capacity: int | None) -> DispatchPlan:
+    """Plan a grouped dispatch of the pairs of ``ids [N, k]`` with ``N * k`` rows, without host reads.
+
+    Row ``i`` belongs to the ``i``-th pair in (expert, token) order, so expert
+    ``e`` owns ``counts[e]`` rows. A pair beyond ``capacity`` in its expert
+    keeps its row, but the row reads a zero token (``pair_of_row`` is ``N * k``)
+    and the scatter skips it (``row_of_pair`` is ``R``), so it adds zero to the
+    output and its gradients are zero. The experts then run on the rows of
+    dropped pairs too, which costs compute in proportion to the pairs dropped.
+    """
+    num_tokens, k = ids.shape
+    num_pairs = num_tokens * k
+    device = ids.device
+    flat = ids.reshape(-1)
+    sorted_ids, sorted_pairs = torch.sort(flat, stable=True)
+    # A scatter-add instead of bincount, whose output length depends on the largest id.
+    counts = torch.zeros(num_experts, dtype=torch.long, device=device).index_add_(0, flat, torch.ones_like(flat))
+    kept_counts = counts if capacity is None else counts.clamp(max=capacity)
+
+    rows = torch.arange(num_pairs, device=device)
+    all_kept = capacity is None or capacity >= num_pairs
+    if all_kept:
+        pair_of_row = sorted_pairs
+        row_at_sorted = rows
+    else:
+        starts = torch.cumsum(counts, 0) - counts
+        keep = rows - starts[sorted_ids] < capacity  # the rank inside its expert is below the capacity
+        pair_of_row = torch.where(keep, sorted_pairs, num_pairs)
+        row_at_sorted = torch.where(keep, rows, num_pairs)
+    row_of_pair = torch.empty_like(flat).scatter_(0, sorted_pairs, row_at_sorted)
+    kept = row_of_pair.view(num_tokens, k) < num_pairs
+    return DispatchPlan(
+        "grouped", counts, kept_counts, counts, kept, row_of_pair, pair_of_row, num_pairs, None, all_kept, not all_kept
     )
 
 

@@ -10,11 +10,20 @@ Where ``torch.nn.functional.grouped_mm`` accepts the inputs (float32, bfloat16
 or float16 on the CPU, rows 16-byte aligned) it runs every group in one call,
 forward and backward. Other inputs (float64, odd widths) go through a loop over
 the non-empty groups that calls ``torch.mm`` with ``out=`` slices.
+
+Eager calls run an ``autograd.Function`` that reuses the host copy of ``ends``
+in the backward. Under ``torch.compile`` the same kernels run as the custom
+operators ``inhibmoe_fast::grouped_linear`` and
+``inhibmoe_fast::grouped_linear_weight_grad``, which the compiler does not
+trace into: its shape function of ``grouped_mm`` rejects float32 inputs
+(PyTorch 2.14.1 accepts only bfloat16 and float16 there), and the loop reads
+the group ends on the host. Their fake kernels give the compiler the output
+shapes.
 """
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +31,12 @@ import torch.nn.functional as F
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _use_grouped_mm(x: torch.Tensor, *widths: int) -> bool:
+    """Return whether ``F.grouped_mm`` accepts rows ``x`` for a weight with these output and input widths."""
     if not hasattr(F, "grouped_mm") or x.device.type != "cpu" or x.dtype not in _GROUPED_MM_DTYPES:
         return False
     size = x.element_size()
-    return (weight.shape[1] * size) % 16 == 0 and (weight.shape[2] * size) % 16 == 0
+    return all((width * size) % 16 == 0 for width in widths)
 
 
 def _group_bounds(ends: List[int]):
@@ -37,39 +47,128 @@ def _group_bounds(ends: List[int]):
         start = end
 
 
+def _grouped_forward(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, ends: Optional[List[int]]):
+    """Compute ``x[rows of g] @ weight[g].T`` for every group.
+
+    ``ends`` is ``offsets`` as a host list, or ``None`` to read it only when the loop needs it.
+    """
+    x = x.contiguous()
+    if _use_grouped_mm(x, weight.shape[1], weight.shape[2]):
+        return F.grouped_mm(x, weight.transpose(1, 2), offs=offsets)
+    if ends is None:
+        ends = offsets.tolist()
+    y = x.new_empty(x.shape[0], weight.shape[1])
+    for g, start, end in _group_bounds(ends):
+        torch.mm(x[start:end], weight[g].t(), out=y[start:end])
+    return y
+
+
+def _grouped_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, ends: Optional[List[int]]):
+    """Compute ``grad_y[rows of g].T @ x[rows of g]`` for every group; return ``[G, out, in]``."""
+    grad_y, x = grad_y.contiguous(), x.contiguous()
+    if _use_grouped_mm(x, grad_y.shape[1], x.shape[1]):
+        return F.grouped_mm(grad_y.t(), x, offs=offsets)
+    if ends is None:
+        ends = offsets.tolist()
+    # Zeros, because the loop skips empty groups.
+    grad_w = x.new_zeros(offsets.shape[0], grad_y.shape[1], x.shape[1])
+    for g, start, end in _group_bounds(ends):
+        torch.mm(grad_y[start:end].t(), x[start:end], out=grad_w[g])
+    return grad_w
+
+
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, ends, offsets):
         ctx.save_for_backward(x, weight)
         ctx.ends, ctx.offsets = ends, offsets
-        if _use_grouped_mm(x, weight):
-            return F.grouped_mm(x, weight.transpose(1, 2), offs=offsets)
-        y = x.new_empty(x.shape[0], weight.shape[1])
-        for g, start, end in _group_bounds(ends):
-            torch.mm(x[start:end], weight[g].t(), out=y[start:end])
-        return y
+        return _grouped_forward(x, weight, offsets, ends)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         grad_y = grad_y.contiguous()
         grad_x = grad_w = None
-        if _use_grouped_mm(x, weight):
-            if ctx.needs_input_grad[0]:
-                grad_x = F.grouped_mm(grad_y, weight, offs=ctx.offsets)
-            if ctx.needs_input_grad[1]:
-                grad_w = F.grouped_mm(grad_y.t(), x, offs=ctx.offsets)
-            return grad_x, grad_w, None, None
         if ctx.needs_input_grad[0]:
-            grad_x = x.new_zeros(x.shape)
+            # grad_y @ weight[g] is the forward map with each weight transposed.
+            grad_x = _grouped_forward(grad_y, weight.transpose(1, 2), ctx.offsets, ctx.ends)
         if ctx.needs_input_grad[1]:
-            grad_w = weight.new_zeros(weight.shape)
-        for g, start, end in _group_bounds(ctx.ends):
-            if grad_x is not None:
-                torch.mm(grad_y[start:end], weight[g], out=grad_x[start:end])
-            if grad_w is not None:
-                torch.mm(grad_y[start:end].t(), x[start:end], out=grad_w[g])
+            grad_w = _grouped_weight_grad(grad_y, x, ctx.offsets, ctx.ends)
         return grad_x, grad_w, None, None
+
+
+def _check_grouped_args(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> None:
+    torch._check(x.dim() == 2, lambda: f"x has shape {tuple(x.shape)}; expected a 2-D tensor [M, in]")
+    torch._check(weight.dim() == 3, lambda: f"weight has shape {tuple(weight.shape)}; expected [G, out, in]")
+    torch._check(
+        x.shape[1] == weight.shape[2],
+        lambda: f"x has {x.shape[1]} columns but weight has in={weight.shape[2]}; they must be equal",
+    )
+    torch._check(
+        offsets.dim() == 1 and offsets.shape[0] == weight.shape[0],
+        lambda: f"offsets has shape {tuple(offsets.shape)}; expected [{weight.shape[0]}] (one end per group)",
+    )
+    torch._check(offsets.dtype == torch.int32, lambda: f"offsets has dtype {offsets.dtype}; expected torch.int32")
+    torch._check(x.dtype == weight.dtype, lambda: f"x has dtype {x.dtype} but weight has {weight.dtype}")
+
+
+@torch.library.custom_op("inhibmoe_fast::grouped_linear", mutates_args=())
+def grouped_linear_op(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Apply ``weight[g] [out, in]`` to the rows ``offsets[g-1]:offsets[g]`` of ``x [M, in]`` and return ``[M, out]``.
+
+    ``offsets`` is int32 ``[G]``, non-decreasing, with ``offsets[-1] == M``.
+    """
+    _check_grouped_args(x, weight, offsets)
+    return _grouped_forward(x, weight, offsets, None)
+
+
+@grouped_linear_op.register_fake
+def _grouped_linear_fake(x, weight, offsets):
+    _check_grouped_args(x, weight, offsets)
+    return x.new_empty(x.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("inhibmoe_fast::grouped_linear_weight_grad", mutates_args=())
+def grouped_linear_weight_grad_op(grad_y: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Return the weight gradient ``[G, out, in]`` of :func:`grouped_linear_op` for the output gradient ``grad_y``."""
+    return _grouped_weight_grad(grad_y, x, offsets, None)
+
+
+@grouped_linear_weight_grad_op.register_fake
+def _grouped_linear_weight_grad_fake(grad_y, x, offsets):
+    torch._check(
+        grad_y.dim() == 2 and x.dim() == 2 and grad_y.shape[0] == x.shape[0],
+        lambda: f"grad_y has shape {tuple(grad_y.shape)} and x {tuple(x.shape)}; expected [M, out] and [M, in]",
+    )
+    return x.new_empty(offsets.shape[0], grad_y.shape[1], x.shape[1])
+
+
+def _grouped_linear_setup(ctx, inputs, output):
+    x, weight, offsets = inputs
+    ctx.save_for_backward(x, weight, offsets)
+
+
+def _grouped_linear_backward(ctx, grad_y):
+    x, weight, offsets = ctx.saved_tensors
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grouped_linear_op(grad_y, weight.transpose(1, 2), offsets)
+    if ctx.needs_input_grad[1]:
+        grad_w = grouped_linear_weight_grad_op(grad_y, x, offsets)
+    return grad_x, grad_w, None
+
+
+grouped_linear_op.register_autograd(_grouped_linear_backward, setup_context=_grouped_linear_setup)
+
+
+def _weight_grad_backward(ctx, grad_grad_weight):
+    raise RuntimeError(
+        "double backward through inhibmoe_fast::grouped_linear is not supported, because its weight "
+        "gradient operator inhibmoe_fast::grouped_linear_weight_grad has no derivative"
+    )
+
+
+grouped_linear_weight_grad_op.register_autograd(_weight_grad_backward)
 
 
 # Output rows of the weight gradient computed per batched product (see _BatchedLinear.backward).
@@ -103,14 +202,16 @@ def batched_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _BatchedLinear.apply(x, weight)
 
 
-# torch.compile traces grouped_mm with a shape function that accepts only 16-bit CUDA inputs,
-# so compiled callers run this function eagerly (a graph break) instead.
-@torch.compiler.disable
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: List[int], offsets: torch.Tensor) -> torch.Tensor:
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, ends: Optional[List[int]], offsets: torch.Tensor
+) -> torch.Tensor:
     """Apply ``weight[g] [out, in]`` to the rows ``ends[g-1]:ends[g]`` of ``x [M, in]``.
 
-    ``ends`` is the list of cumulative row counts (length ``G``, last entry
-    ``M``) and ``offsets`` the same numbers as an int32 tensor on ``x``'s device.
+    ``offsets`` contains the cumulative row counts (length ``G``, last entry
+    ``M``) as an int32 tensor on ``x``'s device, and ``ends`` the same numbers
+    as a host list, or ``None`` to read them from ``offsets`` when needed.
     Returns ``[M, out]``.
     """
+    if torch.compiler.is_compiling():
+        return grouped_linear_op(x, weight, offsets)
     return _GroupedLinear.apply(x, weight, ends, offsets)

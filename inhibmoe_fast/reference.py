@@ -152,9 +152,11 @@ def moe_forward(layer: MoEParameters, x: torch.Tensor, context):
     kept = torch.zeros_like(ids, dtype=torch.bool)
     pair_out = x.new_zeros(num_tokens, k, cfg.dim)
     for e in range(cfg.num_experts):
-        tokens, slots = torch.nonzero(ids == e, as_tuple=True)  # row-major: token order
+        chosen = ids == e
         if capacity is not None:
-            tokens, slots = tokens[:capacity], slots[:capacity]
+            # Keep the first `capacity` pairs in token order (an expert fills at most one slot per token).
+            chosen = chosen & (chosen.flatten().cumsum(0) <= capacity).view_as(chosen)
+        tokens, slots = torch.nonzero(chosen, as_tuple=True)  # row-major: token order
         kept[tokens, slots] = True
         # An expert with no tokens still runs (on zero rows), so its gradients are zeros, not None.
         pair_out = pair_out.index_put((tokens, slots), expert_mlp(layer, e, expert_input[tokens]))

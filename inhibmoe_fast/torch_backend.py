@@ -13,6 +13,14 @@ loop over experts in the autograd graph:
   (:func:`~inhibmoe_fast.grouped.grouped_linear`) otherwise;
 - combine by gathering the expert rows back to ``[N, k, D]`` and summing the
   weighted slots in slot order.
+
+Under ``torch.compile`` the steps that read data on the host (the tie check of
+top-k, the buffer size and layout of the dispatch, the group ends) take
+fixed-shape forms instead: a stable sort of every row, the dispatch of
+:func:`~inhibmoe_fast.dispatch.plan_fixed_dispatch`, and the grouped matrix
+multiplies as the custom operator ``inhibmoe_fast::grouped_linear``. So
+``torch.compile(..., fullgraph=True)`` traces the layer in one graph, with
+``dynamic=True`` as well.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import torch.nn.functional as F
 from . import ops
 from .activations import swiglu
 from .config import MoEConfig
-from .dispatch import DispatchPlan, gather_tokens, plan_dispatch, scatter_pairs
+from .dispatch import DispatchPlan, gather_tokens, plan_dispatch, plan_fixed_dispatch, scatter_pairs
 from .grouped import batched_linear, grouped_linear
 from .outputs import MoEAux, Routing
 from .parameters import MoEParameters
@@ -53,6 +61,10 @@ def inhibit(layer: MoEParameters, x: torch.Tensor, context) -> torch.Tensor:
 def select_experts(cfg: MoEConfig, scores: torch.Tensor, logits: torch.Tensor):
     """Return ``(ids, weights)`` of the ``top_k`` best scores, ties to the lower index, NaN first."""
     k, num_experts = cfg.top_k, cfg.num_experts
+    if torch.compiler.is_compiling():
+        # The tie check below needs a host read, so compiled graphs sort every row.
+        ids = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+        return ids, combine_weights(cfg, scores, logits, ids)
     if k < num_experts:
         values, ids = torch.topk(scores, k + 1, dim=-1)
         # topk leaves the order of equal values unspecified: redo the rows with a tie
@@ -85,26 +97,35 @@ def _linear(rows, weight, bias, layout: str, ends, offsets, expert_of_row):
 
 def experts(layer: MoEParameters, rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """Run every expert MLP on its rows of ``rows [R, D]`` (in the layout of ``plan``); return ``[R, D]``."""
-    return run_experts(layer, rows, plan.layout, plan.kept_counts)
+    return run_experts(layer, rows, plan.layout, plan.group_sizes)
 
 
-def run_experts(layer: MoEParameters, rows: torch.Tensor, layout: str, kept_counts: torch.Tensor) -> torch.Tensor:
+def run_experts(layer: MoEParameters, rows: torch.Tensor, layout: str, group_sizes: torch.Tensor) -> torch.Tensor:
     """Run every expert MLP on its rows of ``rows [R, D]``; return ``[R, D]``.
 
     ``layout`` is that of :class:`~inhibmoe_fast.dispatch.DispatchPlan`: ``"grouped"``
-    (expert ``e`` owns the next ``kept_counts[e]`` rows) or ``"padded"``.
+    (expert ``e`` owns the next ``group_sizes[e]`` rows) or ``"padded"``.
     """
     cfg = layer.config
     ends = offsets = expert_of_row = None
     if layout == "grouped":
-        ends_tensor = torch.cumsum(kept_counts, 0)
-        ends, offsets = ends_tensor.tolist(), ends_tensor.to(torch.int32)
+        ends_tensor = torch.cumsum(group_sizes, 0)
+        offsets = ends_tensor.to(torch.int32)
+        # A host copy would end a compiled graph, so under torch.compile the operator reads
+        # the ends itself when its loop needs them.
+        ends = None if torch.compiler.is_compiling() else ends_tensor.tolist()
         if cfg.expert_bias:
-            expert_of_row = torch.repeat_interleave(torch.arange(cfg.num_experts, device=rows.device), kept_counts)
+            expert_ids = torch.arange(cfg.num_experts, device=rows.device)
+            expert_of_row = torch.repeat_interleave(expert_ids, group_sizes, output_size=rows.shape[0])
     plan_args = (layout, ends, offsets, expert_of_row)
 
     up = _linear(rows, layer.expert_up, layer.expert_up_bias, *plan_args)
-    if cfg.activation == "swiglu":
+    if cfg.activation == "swiglu" and torch.compiler.is_compiling():
+        # swiglu's backward writes through out= views, which torch.compile cannot trace;
+        # the compiler fuses the plain form instead.
+        gate, linear = up.chunk(2, dim=-1)
+        hidden = F.silu(gate) * linear
+    elif cfg.activation == "swiglu":
         hidden = swiglu(up)
     elif cfg.activation == "gelu":
         hidden = F.gelu(up)
@@ -141,7 +162,10 @@ def moe_forward(layer: MoEParameters, x: torch.Tensor, context, router: Callable
     if cfg.inhibit_experts:
         expert_input = routing.gated_input if routing.gated_input is not None else inhibit(layer, x, context)
 
-    plan = plan_dispatch(ids, cfg.num_experts, cfg.capacity(num_tokens), PADDED_LAYOUT_MAX_RATIO)
+    if torch.compiler.is_compiling():
+        plan = plan_fixed_dispatch(ids, cfg.num_experts, cfg.capacity(num_tokens))
+    else:
+        plan = plan_dispatch(ids, cfg.num_experts, cfg.capacity(num_tokens), PADDED_LAYOUT_MAX_RATIO)
     rows = gather_tokens(expert_input, plan, k)
     pair_out = scatter_pairs(experts(layer, rows, plan), plan).view(num_tokens, k, dim)
 

@@ -343,7 +343,7 @@ _PRODUCT_CONFIGS = {
                TileConfig(64, 64, 32, 4, 4)],
     "other": [TileConfig(64, 64, 32, 4, 2), TileConfig(32, 64, 32, 4, 2)],
     # Small tiles keep the interpreter quick; two of them exercise the autotuner there.
-    "interpreter": [TileConfig(16, 32, 32, 4, 1), TileConfig(32, 16, 16, 4, 1)],
+    "interpreter": [TileConfig(64, 32, 32, 4, 1), TileConfig(16, 16, 16, 4, 1)],
 }
 
 

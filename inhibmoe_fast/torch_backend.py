@@ -25,8 +25,6 @@ multiplies as the custom operator ``inhibmoe_fast::grouped_linear``. So
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -147,20 +145,14 @@ def route(layer: MoEParameters, x: torch.Tensor, context) -> Routing:
     return Routing(logits, ids, weights, scores, u)
 
 
-def moe_forward(layer: MoEParameters, x: torch.Tensor, context, router: Callable[..., Routing] = route):
-    """Run the whole layer on ``x [N, D]``; return ``(y [N, D], aux)``.
-
-    ``router`` computes the routing (:func:`route` by default); the dispatch,
-    experts and combine that follow are those of this module.
-    """
+def moe_forward(layer: MoEParameters, x: torch.Tensor, context):
+    """Run the whole layer on ``x [N, D]``; return ``(y [N, D], aux)``."""
     cfg = layer.config
     num_tokens, k, dim = x.shape[0], cfg.top_k, cfg.dim
-    routing = router(layer, x, context)
+    routing = route(layer, x, context)
     logits, ids, weights = routing.logits, routing.ids, routing.weights
-    scores = routing.scores if routing.scores is not None else scores_from_logits(cfg, logits)
-    expert_input = x
-    if cfg.inhibit_experts:
-        expert_input = routing.gated_input if routing.gated_input is not None else inhibit(layer, x, context)
+    scores = routing.scores
+    expert_input = routing.gated_input if cfg.inhibit_experts else x
 
     if torch.compiler.is_compiling():
         plan = plan_fixed_dispatch(ids, cfg.num_experts, cfg.capacity(num_tokens))

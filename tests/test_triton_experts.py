@@ -295,7 +295,7 @@ def test_layer_matches_reference(name):
     _compare(reference, layer, x, context, torch.float32)
 
 
-def test_layer_op_passes_opcheck():
+def test_operators_pass_opcheck():
     tensors, ids = make_problem(9, 16, 12, 4, 2, activation="gelu")
     cast = {name: None if t is None else t.to(DEVICE, torch.float32) for name, t in tensors.items()}
     for name in ("x", "weights", "up", "up_bias", "down", "down_bias"):
@@ -306,6 +306,13 @@ def test_layer_op_passes_opcheck():
                 layout.order, layout.offsets, layout.counts, layout.row_of_pair, layout.top_k, layout.capacity,
                 "gelu", False)
         torch.library.opcheck(torch.ops.inhibmoe_fast.triton_experts, args)
+        with torch.no_grad():
+            y, pre, hidden, out = torch.ops.inhibmoe_fast.triton_experts(*args)
+        grad_y = torch.randn_like(y)
+        tensors = [t.detach() if isinstance(t, torch.Tensor) else t for t in args[:10]]
+        for needs in ([True] * 6, [True, False, False, True, True, False]):
+            backward_args = (grad_y, *tensors[:6], *tensors[6:10], pre, hidden, out, *args[10:], needs)
+            torch.library.opcheck(torch.ops.inhibmoe_fast.triton_experts_backward, backward_args)
 
 
 def test_layer_experts_function_gradients():
@@ -388,3 +395,17 @@ class _deterministic_algorithms:
 
     def __exit__(self, *exc):
         torch.use_deterministic_algorithms(self.previous)
+
+
+def test_layer_strided_input_and_parameters():
+    torch.manual_seed(0)
+    layer = InhibitedMoE(8, 6, 4, 2, backend="triton", device=DEVICE, expert_bias=True)
+    x = torch.randn(16, 10, device=DEVICE)[::2, 1:9]
+    assert not x.is_contiguous()
+    expected = layer(x.contiguous())
+    assert torch.equal(layer(x), expected)
+    # A transposed copy of the expert weights (same values, other strides) gives the same output.
+    with torch.no_grad():
+        layer.expert_down = torch.nn.Parameter(layer.expert_down.transpose(1, 2).contiguous().transpose(1, 2))
+    assert layer.expert_down.stride(-1) != 1
+    assert torch.equal(layer(x), expected)

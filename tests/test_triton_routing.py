@@ -586,3 +586,10 @@ def test_route_operator_passes_opcheck(gate, context):
             tensor.requires_grad_()
     for dispatch in (True, False):
         torch.library.opcheck(torch.ops.inhibmoe_fast.triton_route, (*tensors, 2, True, True, dispatch))
+    detached = [None if t is None else t.detach() for t in tensors]
+    logits, ids, *_ = torch.ops.inhibmoe_fast.triton_route(*detached, 2, True, True, False)
+    grad_logits, grad_weights = (g.float().to(DEVICE) for g in output_gradients(9, 5, 2))
+    needs = [t is not None for t in detached]
+    for grads in ((grad_logits, grad_weights), (None, grad_weights)):
+        torch.library.opcheck(torch.ops.inhibmoe_fast.triton_route_backward,
+                              (*grads, *detached, logits, ids, True, True, needs))

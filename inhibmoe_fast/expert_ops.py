@@ -16,10 +16,6 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-# Gradients of triton_experts_backward, in output order.
-_GRAD_NAMES = ("x", "weights", "up", "up_bias", "down", "down_bias")
-
-
 def _kernels():
     # Imported on first use so that TRITON_INTERPRET can be set after inhibmoe_fast is imported.
     from .kernels import experts as kernels
@@ -96,8 +92,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y, grad_pre, grad_hidden, grad_out):
     (x, weights, up, up_bias, down, down_bias, order, offsets, counts, row_of_pair,
      pre, hidden, out) = ctx.saved_tensors
-    wanted = ctx.needs_input_grad
-    needs = [wanted[0], wanted[1], wanted[2], wanted[3], wanted[4], wanted[5]]
+    needs = list(ctx.needs_input_grad[:6])
     grads = torch.ops.inhibmoe_fast.triton_experts_backward(
         grad_y, x, weights, up, up_bias, down, down_bias, order, offsets, counts, row_of_pair, pre, hidden, out,
         *ctx.options, needs,

@@ -64,7 +64,7 @@ def triton_route(
     gate_u: Optional[Tensor], gate_v: Optional[Tensor], gate_bias: Optional[Tensor], context: Optional[Tensor],
     context_weight: Optional[Tensor], top_k: int, softmax: bool, renormalize: bool, dispatch: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The fused routing kernels as an operator: ``(logits, ids, weights, counts, offsets, order)``.
+    """Run the fused routing kernels; return ``(logits, ids, weights, counts, offsets, order)``.
 
     ``offsets`` and ``order`` are empty when ``dispatch`` is False. The inputs
     are checked by :func:`route`.

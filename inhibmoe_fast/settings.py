@@ -4,7 +4,7 @@ In deterministic mode (the default) the Triton expert kernels run with one
 fixed launch configuration per GPU generation, so the same inputs give the same
 bits in every process on GPUs of that generation. With it off, the kernels time
 a few candidate configurations on the first call of each shape and keep the
-fastest; the choice can differ from process to process, and so can the
+fastest. The choice can differ from process to process, and so can the
 rounding of the matrix products. Within one process, repeated calls give the
 same bits in both modes: no kernel of the package accumulates with atomics.
 

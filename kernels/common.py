@@ -1,8 +1,8 @@
 """Pieces shared by the Triton kernels: the float32-accumulating dot product and input checks.
 
-``INTERPRETED`` is True when the kernels were defined by the Triton interpreter
-(``TRITON_INTERPRET=1`` set before this module was first imported); they then
-run on CPU tensors.
+``INTERPRETED`` is True when the kernels were defined by the Triton interpreter,
+because ``TRITON_INTERPRET=1`` was set before this module was first imported.
+The kernels then run on CPU tensors.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ lists pair numbers ``t * k + j`` expert by expert, in token order inside each
 expert, and expert ``e`` owns rows ``offsets[e] .. offsets[e] + counts[e] - 1``
 of every buffer indexed by row. With a capacity, expert ``e`` keeps its first
 ``min(counts[e], capacity)`` rows; the kernels never read or write the other
-rows. ``row_of_pair [N * k]`` holds the row of each pair and ``-1`` for a
+rows. ``row_of_pair [N * k]`` contains the row of each pair, or ``-1`` for a
 dropped pair.
 
 Forward, for row ``r`` of expert ``e`` and pair ``p = order[r]`` of token ``t = p // k``:
@@ -335,7 +335,7 @@ class TileConfig(NamedTuple):
 
 # The first configuration of each list is the fixed one used without autotuning.
 # NOTE: these lists are chosen by hand from the usual shapes of Hopper and Ampere
-# matrix-product kernels; they have not been measured against each other yet.
+# matrix-product kernels. They have not been measured against each other yet.
 _PRODUCT_CONFIGS = {
     "hopper": [TileConfig(128, 64, 64, 4, 4), TileConfig(128, 128, 64, 8, 3), TileConfig(64, 128, 64, 4, 4),
                TileConfig(64, 64, 64, 4, 4)],

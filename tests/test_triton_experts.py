@@ -1,8 +1,8 @@
 """Triton expert and combine kernels against a float64 loop: outputs, every gradient, hard cases, autotuning.
 
-Without a GPU the kernels run on CPU tensors through the Triton interpreter
-(this module sets ``TRITON_INTERPRET=1`` before it imports them); with a GPU
-they are compiled and the tests run on CUDA tensors.
+Without a GPU the kernels run on CPU tensors through the Triton interpreter,
+because this module sets ``TRITON_INTERPRET=1`` before it imports them. With a
+GPU they are compiled and the tests run on CUDA tensors.
 """
 
 from __future__ import annotations
@@ -81,8 +81,12 @@ def loop_experts(tensors, ids, activation, capacity=None):
 
 def reference_grads(tensors, ids, activation, grad_y, capacity=None, dtype=torch.float64):
     """Output and gradients of :func:`loop_experts` computed in ``dtype`` (the combine weights stay float64)."""
-    leaves = {name: None if t is None else (t if name == "weights" else t.to(dtype)).detach().requires_grad_()
-              for name, t in tensors.items()}
+    leaves = {}
+    for name, tensor in tensors.items():
+        if tensor is not None:
+            tensor = tensor if name == "weights" else tensor.to(dtype)
+            tensor = tensor.detach().requires_grad_()
+        leaves[name] = tensor
     y = loop_experts(leaves, ids, activation, capacity)
     y.backward(grad_y.to(y.dtype))
     return y.detach().double(), {name: None if t is None else t.grad for name, t in leaves.items()}
@@ -194,7 +198,8 @@ def test_empty_batch():
     tensors, ids = make_problem(0, 16, 12, 4, 2, ids=torch.zeros(0, 2, dtype=torch.long))
     y, grads, _ = run_kernels(tensors, ids, "swiglu", torch.zeros(0, 16, dtype=torch.float64), torch.float32)
     assert y.shape == (0, 16)
-    assert grads["x"].shape == (0, 16) and grads["weights"].shape == (0, 2)
+    assert grads["x"].shape == (0, 16)
+    assert grads["weights"].shape == (0, 2)
     for name in ("up", "up_bias", "down", "down_bias"):
         assert torch.equal(grads[name].cpu(), torch.zeros(grads[name].shape)), f"grad of {name} is not zero"
 

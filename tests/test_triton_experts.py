@@ -414,3 +414,20 @@ def test_layer_strided_input_and_parameters():
         layer.expert_down = torch.nn.Parameter(layer.expert_down.transpose(1, 2).contiguous().transpose(1, 2))
     assert layer.expert_down.stride(-1) != 1
     assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="host synchronisation is a CUDA notion")
+def test_layer_runs_without_host_sync():
+    torch.manual_seed(0)
+    layer = InhibitedMoE(64, 32, 8, 2, backend="triton", device="cuda", dtype=torch.bfloat16, inhibition="local",
+                         gate_rank=16, capacity_factor=1.0, load_balance_coef=0.01)
+    x = torch.randn(256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x).sum().backward()  # compiles the kernels outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = layer(x)
+        (y.float().square().mean() + layer.aux.loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

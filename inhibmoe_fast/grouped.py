@@ -7,8 +7,8 @@ The weight gradient of each group is written straight into its slice of one
 group.
 
 Where ``torch.nn.functional.grouped_mm`` accepts the inputs (float32, bfloat16
-or float16 on the CPU, rows 16-byte aligned) it runs every group in one call,
-forward and backward. Other inputs (float64, odd widths) go through a loop over
+or float16 on the CPU, bfloat16 on Hopper and Blackwell GPUs, rows 16-byte
+aligned) it runs every group in one call, forward and backward. Other inputs (float64, odd widths) go through a loop over
 the non-empty groups that calls ``torch.mm`` with ``out=`` slices.
 
 Eager calls run an ``autograd.Function`` that reuses the host copy of ``ends``
@@ -32,8 +32,20 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _use_grouped_mm(x: torch.Tensor, *widths: int) -> bool:
-    """Return whether ``F.grouped_mm`` accepts rows ``x`` for a weight with these output and input widths."""
-    if not hasattr(F, "grouped_mm") or x.device.type != "cpu" or x.dtype not in _GROUPED_MM_DTYPES:
+    """Return whether ``F.grouped_mm`` accepts rows ``x`` for a weight with these output and input widths.
+
+    On CUDA only bfloat16 on compute capability 9.x and 10.x qualifies: there
+    PyTorch runs its CUTLASS grouped kernels, while other GPUs and dtypes fall
+    back to a loop that copies the offsets to the host.
+    """
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cuda":
+        # The condition of the fast path in PyTorch's _grouped_mm_cuda (aten/src/ATen/native/cuda/GroupedBlas.cpp).
+        # NOTE: this branch has not run on a GPU yet.
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] not in (9, 10):
+            return False
+    elif x.device.type != "cpu" or x.dtype not in _GROUPED_MM_DTYPES:
         return False
     size = x.element_size()
     return all((width * size) % 16 == 0 for width in widths)

@@ -104,6 +104,16 @@ def _backward(ctx, grad_y, grad_pre, grad_hidden, grad_out):
 triton_experts.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _second_order(ctx, *grads):
+    raise RuntimeError(
+        "second-order gradients of the Triton expert kernels are not supported "
+        "(inhibmoe_fast::triton_experts_backward has no derivative)"
+    )
+
+
+triton_experts_backward.register_autograd(_second_order)
+
+
 def _unit_stride(tensor: Optional[Tensor]) -> Optional[Tensor]:
     if tensor is None or tensor.numel() == 0 or tensor.stride(-1) == 1:
         return tensor
@@ -118,7 +128,7 @@ def experts(x: Tensor, weights: Tensor, layout, up: Tensor, up_bias: Optional[Te
     ``weights [N, k]`` are float32 combine weights. Gradients reach ``x``,
     ``weights`` and every expert parameter.
     """
-    tensors = [_unit_stride(t) for t in (x, weights, up, up_bias, down, down_bias)]
+    tensors = [_unit_stride(t) for t in (x, weights.contiguous(), up, up_bias, down, down_bias)]
     y, _, _, _ = torch.ops.inhibmoe_fast.triton_experts(
         *tensors, layout.order, layout.offsets, layout.counts, layout.row_of_pair, layout.top_k, layout.capacity,
         activation, autotune,

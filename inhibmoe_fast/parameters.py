@@ -146,6 +146,11 @@ class MoEParameters(nn.Module):
             raise ValueError(f"context was given but inhibition={cfg.inhibition!r}; context needs inhibition='global'")
         if isinstance(context, torch.Tensor):
             context = [context]
+        elif not isinstance(context, (list, tuple)):
+            raise TypeError(
+                f"context must be a tensor, a list or tuple of tensors (or None entries), or None; "
+                f"got {type(context).__name__}"
+            )
         context = list(context)
         if len(context) != len(cfg.context_dims):
             raise ValueError(

@@ -144,6 +144,16 @@ def _route_backward(ctx, grad_logits, grad_ids, grad_weights, grad_counts, grad_
 triton_route.register_autograd(_route_backward, setup_context=_setup_route_context)
 
 
+def _second_order(ctx, *grads):
+    raise RuntimeError(
+        "second-order gradients of the Triton routing kernels are not supported "
+        "(inhibmoe_fast::triton_route_backward has no derivative)"
+    )
+
+
+triton_route_backward.register_autograd(_second_order)
+
+
 def _unit_stride(tensor):
     """Return ``tensor`` with stride 1 in its last dimension (a copy only when needed); pass other values through."""
     if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0 or tensor.stride(-1) == 1:

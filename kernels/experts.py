@@ -34,6 +34,7 @@ Element offsets are int64.
 from __future__ import annotations
 
 import functools
+import numbers
 import time
 from typing import NamedTuple, Optional
 
@@ -75,16 +76,18 @@ def _expert_of_tile(tile, counts_ptr, offsets_ptr, num_experts, capacity,
     after the tiles of experts ``0 .. e-1``.
     """
     expert = tl.zeros((), dtype=tl.int64)
-    tiles_before = tl.zeros((), dtype=tl.int64)
+    tiles_before = tl.zeros((), dtype=tl.int64)  # tiles of the experts before the one found
+    tiles_total = tl.zeros((), dtype=tl.int64)  # tiles of all experts of the earlier blocks
     for e0 in range(0, num_experts, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
         e_mask = offs_e < num_experts
         kept = tl.minimum(tl.load(counts_ptr + offs_e, mask=e_mask, other=0).to(tl.int64), capacity)
         tiles = (kept + BLOCK_M - 1) // BLOCK_M
-        ends = tiles_before + tl.cumsum(tiles, 0)
+        ends = tiles_total + tl.cumsum(tiles, 0)
         before = (ends <= tile) & e_mask
         expert += tl.sum(before.to(tl.int64), 0)
         tiles_before += tl.sum(tl.where(before, tiles, 0), 0)
+        tiles_total += tl.sum(tiles, 0)
     safe_expert = tl.minimum(expert, num_experts - 1)
     kept_rows = tl.minimum(tl.load(counts_ptr + safe_expert).to(tl.int64), capacity)
     done = (tile - tiles_before) * BLOCK_M
@@ -439,21 +442,39 @@ def expert_layout(ids: torch.Tensor, num_experts: int, capacity: Optional[int] =
     """Build the :class:`ExpertLayout` of ``ids [N, k]`` on its device, with no host synchronisation.
 
     ``order``, ``offsets`` and ``counts`` may come from the routing kernels'
-    dispatch; otherwise a stable sort of the ids computes them. ``capacity``
-    (``None``: no limit) keeps the first pairs of each expert in token order.
+    dispatch; otherwise a stable sort of the ids computes them, and the ids
+    are checked to lie in ``[0, num_experts)`` (one read on the host).
+    ``capacity`` (``None``: no limit) keeps the first pairs of each expert in
+    token order.
+
+    The kernels trust a given layout: its values are never checked on the
+    device, and values out of range make the kernels read out of bounds.
     """
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype != torch.int64:
+        description = f"{ids.dtype} tensor of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids)
+        raise ValueError(f"ids must be an int64 tensor [N, k]; got a {description}")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, numbers.Integral) or num_experts < 1:
+        raise ValueError(f"num_experts={num_experts!r} is invalid; expected an integer >= 1")
+    integer_types = (numbers.Integral, torch.SymInt)  # SymInt: a size traced by torch.compile
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, integer_types)
+                                 or capacity < 0):
+        raise ValueError(f"capacity={capacity!r} is invalid; expected None or an integer >= 0")
     num_tokens, top_k = ids.shape
     num_pairs = num_tokens * top_k
     flat = ids.reshape(-1)
     if order is None:
         order = torch.sort(flat, stable=True).indices
     if counts is None:
+        # bincount reads the largest id on the host anyway, so this path checks the id range too.
+        if num_pairs and not 0 <= int(flat.min()) <= int(flat.max()) < num_experts:
+            raise ValueError(f"ids must lie in [0, {num_experts}) for num_experts={num_experts}; "
+                             f"got values from {int(flat.min())} to {int(flat.max())}")
         counts = torch.bincount(flat, minlength=num_experts)
     if offsets is None:
         offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
         torch.cumsum(counts, dim=0, out=offsets[1:])
     rows = torch.arange(num_pairs, device=ids.device)
-    limit = num_pairs if capacity is None else min(int(capacity), num_pairs)
+    limit = num_pairs if capacity is None else min(capacity, num_pairs)
     if limit < num_pairs:
         rank = rows - offsets.index_select(0, flat.index_select(0, order))
         rows = torch.where(rank < limit, rows, -1)
@@ -495,6 +516,9 @@ def check_expert_inputs(x, weights, layout, up, up_bias, down, down_bias, activa
     if down_bias is not None:
         check_tensor("down_bias", down_bias, (num_experts, dim), dtype, device)
     check_tensor("weights", weights, (num_tokens, layout.top_k), torch.float32, device)
+    if not weights.is_contiguous():
+        raise ValueError(f"weights has strides {tuple(weights.stride())}; expected a contiguous tensor "
+                         "(call .contiguous() on it)")
     _check_layout(layout, num_tokens, num_experts, device)
 
 
@@ -512,8 +536,14 @@ def _rows_hint(num_pairs: int, num_experts: int) -> int:
 
 
 def _matmul_grid(num_pairs: int, num_experts: int, num_cols: int):
-    # Every expert adds at most one partial tile; programs past the last tile exit at once.
-    return lambda meta: (triton.cdiv(num_pairs, meta["BLOCK_M"]) + num_experts, triton.cdiv(num_cols, meta["BLOCK_N"]))
+    # Each expert with pairs (at most min(E, N * k) of them) adds at most one partial tile;
+    # programs past the last tile exit at once.
+    partial_tiles = min(num_experts, num_pairs)
+
+    def grid(meta):
+        return (triton.cdiv(num_pairs, meta["BLOCK_M"]) + partial_tiles, triton.cdiv(num_cols, meta["BLOCK_N"]))
+
+    return grid
 
 
 def _grouped_matmul(a, b, b_strides, out, layout, num_cols, k_dim, *, bias=None, hidden=None, pre=None, scale=None,

@@ -37,6 +37,7 @@ on CPU tensors through the Triton interpreter.
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -544,7 +545,9 @@ def check_route_inputs(x, router_weight, router_bias, top_k, gate_weight, gate_u
         )
     if router_bias is not None:
         check_tensor("router_bias", router_bias, (num_experts,), dtype, device)
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
+        raise TypeError(f"top_k={top_k!r} is invalid; expected an integer")
+    if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k!r} is out of range for num_experts={num_experts}; expected 1 <= top_k <= num_experts")
     if gate_weight is not None and (gate_u is not None or gate_v is not None):
         raise ValueError("gate_weight and gate_u/gate_v were both given; pass a full gate or a low-rank gate, not both")

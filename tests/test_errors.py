@@ -100,6 +100,8 @@ def test_context_errors(cls):
         layer(x, [torch.ones(2, 5, dtype=torch.long)])
     with pytest.raises(ValueError, match=r"context\[0\] has shape \(0, 5\) with no rows"):
         layer(x, [torch.randn(0, 5)])
+    with pytest.raises(TypeError, match=r"context must be a tensor, a list or tuple .* got int"):
+        layer(x, 5)
     local = cls(8, 4, 4, 2, inhibition="local")
     with pytest.raises(ValueError, match=r"context was given but inhibition='local'"):
         local(x, [torch.randn(2, 5)])

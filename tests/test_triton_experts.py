@@ -431,3 +431,63 @@ def test_layer_runs_without_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("experts", [257, 300])
+def test_more_experts_than_one_search_block(experts):
+    # The tile-to-expert search walks the experts in blocks of 256.
+    ids = torch.tensor([[5], [100], [experts - 2], [experts - 1], [255], [256], [5]])
+    tensors, _ = make_problem(7, 8, 4, experts, 1, ids=ids)
+    check_against_loop(tensors, ids, "swiglu")
+    check_against_loop(tensors, ids, "swiglu", capacity=1)
+
+
+def test_layer_with_many_experts_matches_reference():
+    torch.manual_seed(0)
+    reference = ReferenceMoE(8, 4, 300, 2, inhibition="local")
+    layer = InhibitedMoE(8, 4, 300, 2, backend="triton", device=DEVICE, inhibition="local")
+    layer.load_state_dict(reference.state_dict())
+    x, _ = _inputs(torch.float32, tokens=(40,), dim=8)
+    if DEVICE != "cpu":
+        reference, layer, x = reference.to(DEVICE), layer.to(DEVICE), x.to(DEVICE)
+    _compare(reference, layer, x, None, torch.float32)
+
+
+def test_strided_weights():
+    tensors, ids = make_problem(6, 16, 12, 3, 2)
+    cast = {name: t.to(DEVICE, torch.float32) for name, t in tensors.items()}
+    layout = kernels.expert_layout(ids.to(DEVICE), 3)
+    strided = torch.zeros(6, 4, device=DEVICE)[:, :2].copy_(cast["weights"])
+    assert not strided.is_contiguous()
+    args = (cast["up"], cast["up_bias"], cast["down"], cast["down_bias"], "swiglu")
+    expected = experts(cast["x"], cast["weights"], layout, *args)
+    assert torch.equal(experts(cast["x"], strided, layout, *args), expected)
+    with pytest.raises(ValueError, match="weights has strides"):
+        kernels.experts_forward(cast["x"], strided, layout, *args)
+
+
+def test_layout_arguments_are_checked():
+    ids = torch.tensor([[0, 1], [2, 0]], device=DEVICE)
+    with pytest.raises(ValueError, match=r"capacity=-1 is invalid"):
+        kernels.expert_layout(ids, 3, capacity=-1)
+    with pytest.raises(ValueError, match=r"capacity=1.5 is invalid"):
+        kernels.expert_layout(ids, 3, capacity=1.5)
+    with pytest.raises(ValueError, match=r"num_experts=0 is invalid"):
+        kernels.expert_layout(ids, 0)
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 2\) .* from 0 to 2"):
+        kernels.expert_layout(ids, 2)
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 3\) .* from -1 to 1"):
+        kernels.expert_layout(ids - 1, 3)
+    with pytest.raises(ValueError, match=r"ids must be an int64 tensor \[N, k\]"):
+        kernels.expert_layout(ids.reshape(-1), 3)
+    layout = kernels.expert_layout(ids, 3, capacity=0)
+    assert layout.row_of_pair.tolist() == [-1, -1, -1, -1]
+
+
+def test_second_order_gradients_raise():
+    torch.manual_seed(0)
+    layer = InhibitedMoE(8, 6, 3, 2, backend="triton", device=DEVICE, inhibition="local")
+    x = torch.randn(5, 8, device=DEVICE, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="second-order gradients of the Triton .* are not supported"):
+        grad.sum().backward()

@@ -593,3 +593,12 @@ def test_route_operator_passes_opcheck(gate, context):
     for grads in ((grad_logits, grad_weights), (None, grad_weights)):
         torch.library.opcheck(torch.ops.inhibmoe_fast.triton_route_backward,
                               (*grads, *detached, logits, ids, True, True, needs))
+
+
+def test_route_top_k_type():
+    inputs = to_device(make_inputs(4, 16, 5, gate="none"), torch.float32)
+    numpy = pytest.importorskip("numpy")
+    result = route(inputs["x"], inputs["router_weight"], top_k=numpy.int64(2))
+    assert result.ids.shape == (4, 2)
+    with pytest.raises(TypeError, match=r"top_k=2.0 is invalid; expected an integer"):
+        route(inputs["x"], inputs["router_weight"], top_k=2.0)

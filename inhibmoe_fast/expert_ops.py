@@ -58,7 +58,7 @@ def triton_experts_backward(
     pre: Tensor, hidden: Tensor, out: Tensor, top_k: int, capacity: int, activation: str, autotune: bool,
     needs_grad: List[bool],
 ) -> List[Tensor]:
-    """Gradients of ``y`` with respect to ``x, weights, up, up_bias, down, down_bias``.
+    """Compute the gradients of ``y`` with respect to ``x, weights, up, up_bias, down, down_bias``.
 
     An entry whose ``needs_grad`` flag is False (or whose bias is absent) is an empty tensor.
     """
@@ -86,7 +86,6 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weights, up, up_bias, down, down_bias, order, offsets, counts, row_of_pair,
                           pre, hidden, out)
     ctx.options = (top_k, capacity, activation, autotune)
-    ctx.has_bias = (up_bias is not None, down_bias is not None)
 
 
 def _backward(ctx, grad_y, grad_pre, grad_hidden, grad_out):

@@ -24,9 +24,9 @@ Backward, with ``g[r] = w[p] * grad_y[t]`` formed while loading (never stored):
     grad_x[t]      = sum_j (grad_pre W_up[e])[row(t, j)]   slot order
 
 Every output element is written by one program that loops over its whole
-reduction in a fixed order: no atomics, so each launch configuration gives
-the same bits on every run, and a kernel run twice (as the autotuner does)
-writes the same values twice. Row tiles are mapped to experts inside the
+reduction in a fixed order, with no atomics. So each launch configuration
+gives the same bits on every run, and a kernel run twice (as the autotuner
+does) writes the same values twice. Row tiles are mapped to experts inside the
 kernels from the per-expert counts, so no launch reads them on the host.
 Element offsets are int64.
 """
@@ -442,8 +442,8 @@ def expert_layout(ids: torch.Tensor, num_experts: int, capacity: Optional[int] =
     """Build the :class:`ExpertLayout` of ``ids [N, k]`` on its device, with no host synchronisation.
 
     ``order``, ``offsets`` and ``counts`` may come from the routing kernels'
-    dispatch; otherwise a stable sort of the ids computes them, and the ids
-    are checked to lie in ``[0, num_experts)`` (one read on the host).
+    dispatch. Otherwise a stable sort of the ids computes them, and one read
+    on the host checks that the ids lie in ``[0, num_experts)``.
     ``capacity`` (``None``: no limit) keeps the first pairs of each expert in
     token order.
 
@@ -536,8 +536,8 @@ def _rows_hint(num_pairs: int, num_experts: int) -> int:
 
 
 def _matmul_grid(num_pairs: int, num_experts: int, num_cols: int):
-    # Each expert with pairs (at most min(E, N * k) of them) adds at most one partial tile;
-    # programs past the last tile exit at once.
+    # Each expert with pairs (at most min(E, N * k) of them) adds at most one partial tile.
+    # Programs past the last tile exit at once.
     partial_tiles = min(num_experts, num_pairs)
 
     def grid(meta):

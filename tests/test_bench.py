@@ -57,6 +57,20 @@ def test_bench_writes_tables_and_plots(tmp_path, capsys):
     assert "Training: digits classifier" in printed
 
 
+@pytest.mark.parametrize("first, second, used", [(1e9, 4e9, 4e9), (4e9, 1e9, 4e9)])
+def test_bench_uses_higher_matmul_rate(tmp_path, monkeypatch, first, second, used):
+    measured = iter([first, second])
+    monkeypatch.setattr(bench, "matmul_rate", lambda device, dtype, size: next(measured))
+    out = tmp_path / "results"
+    code = bench.main(TINY + ["--baselines", "none", "--inhibitions", "none", "--skip", "parity,sweep,maxpool,train",
+                              "--out", str(out)])
+    assert code == 0
+    rows = _read_csv(out / "layer.csv")
+    assert float(rows[0]["matmul_gflops_float32"]) == used / 1e9
+    for row in rows:
+        assert float(row["of_matmul_rate"]) == pytest.approx(float(row["gflops"]) * 1e9 / used)
+
+
 def test_bench_times_parts_alone(tmp_path):
     from inhibmoe_fast.kernels import routing as kernels
 

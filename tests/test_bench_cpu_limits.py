@@ -47,6 +47,15 @@ def test_limits_measure_every_row():
     assert isinstance(rows["fresh pages of one weight gradient"]["ms"], float)
 
 
+def test_limits_use_higher_matmul_rate(monkeypatch):
+    measured = iter([1e9, 4e9])
+    monkeypatch.setattr(bench_cpu_limits, "matmul_rate", lambda device, dtype, size: next(measured))
+    result = bench_cpu_limits.measure(bench_cpu_limits.parse_args(TINY))
+    assert result["matmul_gflops"] == 4.0
+    layer = result["rows"][0]
+    assert layer["of_matmul_rate"] == pytest.approx(layer["gflops"] / 4.0)
+
+
 @pytest.mark.parametrize(
     "shape",
     [["--tokens", "64", "--experts", "16"],  # uneven groups: grouped layout

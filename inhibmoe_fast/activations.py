@@ -3,7 +3,8 @@
 The experts compute the gate and linear branches as one ``[R, 2F]`` matrix
 ``a``: ``swiglu(a) = silu(a[:, :F]) * a[:, F:]``. Slicing ``a`` under autograd
 would build two zero-filled ``[R, 2F]`` gradients and add them; here the
-backward writes both halves of one buffer in place.
+backward writes both halves of one buffer in place. A backward that builds a
+graph (``create_graph=True``) uses plain differentiable operations instead.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, grad_hidden):
         (projected,) = ctx.saved_tensors
         gate, up = projected.chunk(2, dim=-1)
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiable operations, since out= writes are not recorded.
+            sigmoid_gate = torch.sigmoid(gate)
+            grad_gate = grad_hidden * up * sigmoid_gate * (1 + gate * (1 - sigmoid_gate))
+            return torch.cat([grad_gate, grad_hidden * gate * sigmoid_gate], dim=-1)
         grad = torch.empty_like(projected)
         grad_gate, grad_up = grad.chunk(2, dim=-1)
         torch.mul(grad_hidden, F.silu(gate), out=grad_up)

@@ -12,7 +12,9 @@ aligned) it runs every group in one call, forward and backward. Other inputs (fl
 the non-empty groups that calls ``torch.mm`` with ``out=`` slices.
 
 Eager calls run an ``autograd.Function`` that reuses the host copy of ``ends``
-in the backward. Under ``torch.compile`` the same kernels run as the custom
+in the backward. With ``create_graph=True`` the backward runs through
+differentiable functions (the weight gradient has its own), so second
+derivatives work. Under ``torch.compile`` the same kernels run as the custom
 operators ``inhibmoe_fast::grouped_linear`` and
 ``inhibmoe_fast::grouped_linear_weight_grad``, which the compiler does not
 trace into: its shape function of ``grouped_mm`` rejects float32 inputs
@@ -66,6 +68,10 @@ def _grouped_forward(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tenso
     """
     x = x.contiguous()
     if _use_grouped_mm(x, weight.shape[1], weight.shape[2]):
+        if 1 not in (weight.stride(1), weight.stride(2)) or weight.stride(0) == 0:
+            # grouped_mm takes each group's matrix in row- or column-major order only (an
+            # expanded gradient, for example, has zero strides).
+            weight = weight.contiguous()
         return F.grouped_mm(x, weight.transpose(1, 2), offs=offsets)
     if ends is None:
         ends = offsets.tolist()
@@ -101,12 +107,42 @@ class _GroupedLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_y = grad_y.contiguous()
         grad_x = grad_w = None
+        # A backward that builds a graph (create_graph=True) runs through the differentiable
+        # Functions; the plain one calls the kernels, whose out= writes autograd cannot record.
+        differentiable = torch.is_grad_enabled()
         if ctx.needs_input_grad[0]:
             # grad_y @ weight[g] is the forward map with each weight transposed.
-            grad_x = _grouped_forward(grad_y, weight.transpose(1, 2), ctx.offsets, ctx.ends)
+            if differentiable:
+                grad_x = _GroupedLinear.apply(grad_y, weight.transpose(1, 2), ctx.ends, ctx.offsets)
+            else:
+                grad_x = _grouped_forward(grad_y, weight.transpose(1, 2), ctx.offsets, ctx.ends)
         if ctx.needs_input_grad[1]:
-            grad_w = _grouped_weight_grad(grad_y, x, ctx.offsets, ctx.ends)
+            if differentiable:
+                grad_w = _GroupedWeightGrad.apply(grad_y, x, ctx.ends, ctx.offsets)
+            else:
+                grad_w = _grouped_weight_grad(grad_y, x, ctx.offsets, ctx.ends)
         return grad_x, grad_w, None, None
+
+
+class _GroupedWeightGrad(torch.autograd.Function):
+    """``grad_y[rows of g].T @ x[rows of g]`` for every group, differentiable for double backward."""
+
+    @staticmethod
+    def forward(ctx, grad_y, x, ends, offsets):
+        ctx.save_for_backward(grad_y, x)
+        ctx.ends, ctx.offsets = ends, offsets
+        return _grouped_weight_grad(grad_y, x, offsets, ends)
+
+    @staticmethod
+    def backward(ctx, grad_grad_w):
+        grad_y, x = ctx.saved_tensors
+        grad_grad_y = grad_x = None
+        # For one group: d(gy^T x) = dgy^T x + gy^T dx, so gy receives x G^T and x receives gy G.
+        if ctx.needs_input_grad[0]:
+            grad_grad_y = _GroupedLinear.apply(x, grad_grad_w, ctx.ends, ctx.offsets)
+        if ctx.needs_input_grad[1]:
+            grad_x = _GroupedLinear.apply(grad_y, grad_grad_w.transpose(1, 2), ctx.ends, ctx.offsets)
+        return grad_grad_y, grad_x, None, None
 
 
 def _check_grouped_args(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> None:
@@ -173,14 +209,22 @@ def _grouped_linear_backward(ctx, grad_y):
 grouped_linear_op.register_autograd(_grouped_linear_backward, setup_context=_grouped_linear_setup)
 
 
+def _weight_grad_setup(ctx, inputs, output):
+    grad_y, x, offsets = inputs
+    ctx.save_for_backward(grad_y, x, offsets)
+
+
 def _weight_grad_backward(ctx, grad_grad_weight):
-    raise RuntimeError(
-        "double backward through inhibmoe_fast::grouped_linear is not supported, because its weight "
-        "gradient operator inhibmoe_fast::grouped_linear_weight_grad has no derivative"
-    )
+    grad_y, x, offsets = ctx.saved_tensors
+    grad_grad_y = grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_grad_y = grouped_linear_op(x, grad_grad_weight, offsets)
+    if ctx.needs_input_grad[1]:
+        grad_x = grouped_linear_op(grad_y, grad_grad_weight.transpose(1, 2), offsets)
+    return grad_grad_y, grad_x, None
 
 
-grouped_linear_weight_grad_op.register_autograd(_weight_grad_backward)
+grouped_linear_weight_grad_op.register_autograd(_weight_grad_backward, setup_context=_weight_grad_setup)
 
 
 # Output rows of the weight gradient computed per batched product (see _BatchedLinear.backward).
@@ -198,7 +242,10 @@ class _BatchedLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = torch.bmm(grad_y, weight) if ctx.needs_input_grad[0] else None
         grad_w = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and torch.is_grad_enabled():
+            # create_graph=True: one differentiable product, since out= writes are not recorded.
+            grad_w = torch.bmm(grad_y.transpose(1, 2), x)
+        elif ctx.needs_input_grad[1]:
             # grad_y^T x (not x^T grad_y) writes the [E, out, in] gradient in the weight's own
             # layout, so no transposing copy follows. Blocks of at most WEIGHT_GRAD_BLOCK output
             # rows run about twice as fast on the CPU as one wide product when the batch is short.

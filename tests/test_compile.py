@@ -130,6 +130,7 @@ def test_inductor_capacity_case():
 
 
 def test_compiled_double_backward_raises():
+    """PyTorch's compiled autograd has no double backward; the call must fail with that message."""
     model, _ = _make_model("torch", CASES["local-swiglu"])
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 5, 8, requires_grad=True)
@@ -182,7 +183,7 @@ def test_opcheck_grouped_linear(shape):
 @pytest.mark.parametrize("shape", OPCHECK_SHAPES, ids=str)
 def test_opcheck_grouped_linear_weight_grad(shape):
     x, _, grad_y, offsets = _opcheck_args(*shape)
-    torch.library.opcheck(grouped_linear_weight_grad_op, (grad_y, x, offsets))
+    torch.library.opcheck(grouped_linear_weight_grad_op, (grad_y.requires_grad_(), x.requires_grad_(), offsets))
 
 
 @pytest.mark.parametrize("shape", OPCHECK_SHAPES, ids=str)
@@ -206,10 +207,23 @@ def test_grouped_linear_op_matches_mm(shape):
     assert_close(weight.grad, expected_grad_w, "grad of weight", atol, rtol)
 
 
-def test_grouped_linear_op_double_backward_raises():
-    x, weight, _, offsets = _opcheck_args(*OPCHECK_SHAPES[0])
-    weight.requires_grad_()
-    y = grouped_linear_op(x, weight, offsets)
-    (grad_weight,) = torch.autograd.grad(y.square().sum(), weight, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        grad_weight.sum().backward()
+def test_grouped_linear_op_gradgradcheck():
+    x, weight, grad_y, offsets = _opcheck_args(*OPCHECK_SHAPES[2])
+    x, weight, grad_y = x.requires_grad_(), weight.requires_grad_(), grad_y.requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x, w: grouped_linear_op(x, w, offsets), (x, weight))
+    assert torch.autograd.gradgradcheck(lambda gy, x: grouped_linear_weight_grad_op(gy, x, offsets), (grad_y, x))
+
+
+def test_grouped_linear_op_double_backward_float32_matches_float64():
+    """The float32 inputs run F.grouped_mm, the float64 ones the loop; both give the same second derivatives."""
+    x64, weight64, _, offsets = _opcheck_args(9, 8, 4, torch.float64)
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        x, weight = x64.to(dtype).requires_grad_(), weight64.to(dtype).requires_grad_()
+        y = grouped_linear_op(x, weight, offsets)
+        grads = torch.autograd.grad(y.square().sum(), (x, weight), create_graph=True)
+        # The sum's gradient is an expanded tensor with zero strides, which grouped_mm rejects as is.
+        results.append(torch.autograd.grad(sum(g.sum() for g in grads), (x, weight)))
+    atol, rtol = TOLERANCES[torch.float32]
+    for name, got, expected in zip(("x", "weight"), *results):
+        assert_close(got, expected.float(), f"second-order gradient of {name}", atol, rtol)

@@ -485,15 +485,49 @@ def _comma_list(text: str) -> List[str]:
     return [item for item in text.split(",") if item]
 
 
+def _at_least(minimum: int):
+    """Return an argparse type that takes integers of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is invalid; expected an integer >= {minimum}")
+        return value
+
+    return parse
+
+
+_positive = _at_least(1)
+
+
+def _choice_list(choices: Sequence[str]):
+    """Return an argparse type that takes a comma-separated list of names from ``choices``."""
+
+    def parse(text: str) -> List[str]:
+        items = _comma_list(text)
+        unknown = [item for item in items if item not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown name(s) {', '.join(unknown)}; expected some of {','.join(choices)}")
+        return items
+
+    return parse
+
+
 def _baseline_list(text: str) -> List[str]:
     return [] if text == "none" else _comma_list(text)
 
 
 def _int_list(text: str) -> List[int]:
     try:
-        return [int(item) for item in text.split(",") if item]
+        values = [int(item) for item in text.split(",") if item]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"list {text!r} is invalid; expected comma-separated integers, e.g. 1024,4096")
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"list {text!r} is invalid; expected comma-separated positive integers, e.g. 1024,4096")
+    return values
 
 
 def _expert_list(text: str) -> List[Tuple[int, Optional[int]]]:
@@ -501,13 +535,21 @@ def _expert_list(text: str) -> List[Tuple[int, Optional[int]]]:
     for item in filter(None, text.split(",")):
         experts, _, top_k = item.partition("x")
         try:
-            points.append((int(experts), int(top_k) if top_k else None))
+            point = (int(experts), int(top_k) if top_k else None)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expert point {item!r} is invalid; expected E or ExK, e.g. 64 or 128x8")
+            point = (0, None)
+        if point[0] < 1 or not 1 <= (point[1] or 1) <= point[0]:
+            raise argparse.ArgumentTypeError(
+                f"expert point {item!r} is invalid; expected E or ExK with 1 <= K <= E, e.g. 64 or 128x8"
+            )
+        points.append(point)
+    if not points:
+        raise argparse.ArgumentTypeError(f"expert sweep {text!r} is empty; expected E or ExK points, e.g. 64,128x8")
     return points
 
 
 SHAPE_OPTIONS = ("tokens", "dim", "hidden", "experts", "top_k")
+PARTS = ("parity", "layer", "sweep", "maxpool", "train")
 
 
 def select_shapes(args, device: torch.device) -> List[Shape]:
@@ -540,41 +582,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "float64"],
                         help="dtype of the timed layers; default float32 on CPU, bfloat16 on CUDA")
     sizes = "; default: the device's shape set (any of these options replaces the set by one shape)"
-    parser.add_argument("--tokens", type=int, default=None, help="tokens N per call" + sizes)
-    parser.add_argument("--dim", type=int, default=None, help="model width D" + sizes)
-    parser.add_argument("--hidden", type=int, default=None, help="expert width F" + sizes)
-    parser.add_argument("--experts", type=int, default=None, help="experts E" + sizes)
-    parser.add_argument("--top-k", type=int, default=None, help="experts per token k" + sizes)
-    parser.add_argument("--gate-rank", type=int, default=None,
+    parser.add_argument("--tokens", type=_positive, default=None, help="tokens N per call" + sizes)
+    parser.add_argument("--dim", type=_positive, default=None, help="model width D" + sizes)
+    parser.add_argument("--hidden", type=_positive, default=None, help="expert width F" + sizes)
+    parser.add_argument("--experts", type=_positive, default=None, help="experts E" + sizes)
+    parser.add_argument("--top-k", type=_positive, default=None, help="experts per token k" + sizes)
+    parser.add_argument("--gate-rank", type=_positive, default=None,
                         help="rank of the local and global gates; default full rank")
-    parser.add_argument("--low-rank", type=int, default=None,
+    parser.add_argument("--low-rank", type=_positive, default=None,
                         help="rank of the local-lowrank gate; default 32 on CPU, 128 on CUDA")
     parser.add_argument("--baselines", type=_baseline_list, default=list(BASELINES),
                         help=f"comma-separated baselines to time, or none; default {','.join(BASELINES)}")
     parser.add_argument("--inhibitions", type=_comma_list, default=list(INHIBITIONS),
                         help=f"comma-separated inhibitions of the fast layer to time; default {','.join(INHIBITIONS)}")
-    parser.add_argument("--backends", type=_comma_list, default=None,
+    parser.add_argument("--backends", type=_choice_list(("torch", "triton", "reference")), default=None,
                         help="comma-separated backends of the fast layer; default torch on CPU, torch,triton on CUDA")
     parser.add_argument("--parts", action="store_true",
                         help="also time the fast layer's parts alone (routing needs CUDA or TRITON_INTERPRET=1); "
                              "default on for CUDA with Triton")
-    parser.add_argument("--repeats", type=int, default=5,
+    parser.add_argument("--repeats", type=_positive, default=5,
                         help="timed repeats per measurement on the CPU (median reported); default 5")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs before each CPU measurement; default 2")
+    parser.add_argument("--warmup", type=_at_least(0), default=2, help="untimed runs before each CPU measurement; default 2")
     parser.add_argument("--token-sweep", type=_int_list, default=None,
                         help="token counts of the token sweep; default " + ",".join(map(str, CPU_TOKEN_SWEEP))
                              + " on CPU, " + ",".join(map(str, GPU_TOKEN_SWEEP)) + " on CUDA")
     parser.add_argument("--expert-sweep", type=_expert_list, default=None,
                         help="points E or ExK of the expert sweep; default 8,16,32,64,128 (k=2) on CPU, "
                              "64x2,64x8,128x2,128x8 on CUDA")
-    parser.add_argument("--sweep-repeats", type=int, default=3,
+    parser.add_argument("--sweep-repeats", type=_positive, default=3,
                         help="timed repeats per sweep point on the CPU; default 3")
-    parser.add_argument("--matmul-size", type=int, default=None,
+    parser.add_argument("--matmul-size", type=_positive, default=None,
                         help="side of the square matmul that measures the device rate; default 2048 on CPU, 8192 on CUDA")
     parser.add_argument("--maxpool-sizes", type=parse_sizes, default=parse_sizes("4096x256x1024,65536x1024x4096"),
                         help="maxpool_align sizes as N_INxCxN_OUT[,...]; default 4096x256x1024,65536x1024x4096")
-    parser.add_argument("--train-epochs", type=int, default=1, help="epochs of the digits training run; default 1")
-    parser.add_argument("--skip", type=_comma_list, default=[],
+    parser.add_argument("--train-epochs", type=_positive, default=1, help="epochs of the digits training run; default 1")
+    parser.add_argument("--skip", type=_choice_list(PARTS), default=[],
                         help="comma-separated parts to skip: parity, layer, sweep, maxpool, train")
     parser.add_argument("--out", default="results", help="folder for the CSV files and plots; default ./results")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
@@ -587,7 +629,8 @@ SWEEP_COLUMNS = ["tokens", "experts", "top_k", "provider", "median_ms", "min_ms"
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -602,7 +645,16 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown provider(s) {', '.join(unknown)}; --inhibitions takes {','.join(INHIBITIONS)} "
                          f"and --baselines takes {','.join(BASELINES)}")
+    if "triton" in args.backends and not triton_available():
+        parser.error("--backends triton needs the triton package, which is not installed")
+    if "triton" in args.backends and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error("--backends triton on the CPU needs TRITON_INTERPRET=1 in the environment (the Triton interpreter)")
     shapes = select_shapes(args, device)
+    token_points, expert_points = select_sweeps(args, device, shapes)
+    for shape in shapes + expert_points:
+        if shape.top_k > shape.experts:
+            parser.error(f"top_k={shape.top_k} is larger than experts={shape.experts} (from --top-k, --experts or "
+                         f"--expert-sweep); expected top_k <= experts")
     os.makedirs(args.out, exist_ok=True)
     device_name = _device_name(device)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -647,7 +699,6 @@ def main(argv=None) -> int:
         plot_layer(os.path.join(args.out, "layer.png"), rows, device_name)
 
     if "sweep" not in args.skip:
-        token_points, expert_points = select_sweeps(args, device, shapes)
         rows = run_sweep(args, token_points, "tokens", device, rate_of(shapes[0].dtype))
         rows += run_sweep(args, expert_points, "experts", device, rate_of(shapes[-1].dtype))
         for variable, points in (("tokens", token_points), ("experts", expert_points)):

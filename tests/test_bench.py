@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import csv
 import os
 
@@ -95,3 +96,32 @@ def test_bench_rejects_unknown_provider():
 def test_bench_rejects_bad_size():
     with pytest.raises(argparse.ArgumentTypeError, match="size '12x3' is invalid"):
         bench.parse_sizes("12x3")
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["--skip", "trian"], r"argument --skip: unknown name\(s\) trian"),
+        (["--backends", "trition"], r"argument --backends: unknown name\(s\) trition"),
+        (["--token-sweep", "0"], r"argument --token-sweep: list '0' is invalid"),
+        (["--repeats", "0"], r"argument --repeats: 0 is invalid; expected an integer >= 1"),
+        (["--warmup", "-1"], r"argument --warmup: -1 is invalid; expected an integer >= 0"),
+        (["--tokens", "-3"], r"argument --tokens: -3 is invalid"),
+        (["--expert-sweep", "4x8"], r"argument --expert-sweep: expert point '4x8' is invalid"),
+        (["--experts", "1", "--top-k", "2"], r"top_k=2 is larger than experts=1"),
+        (["--expert-sweep", "1"], r"top_k=2 is larger than experts=1"),
+    ],
+)
+def test_bench_rejects_bad_options(args, pattern, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(args + ["--skip", "parity,layer,sweep,maxpool,train", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert re.search(pattern, capsys.readouterr().err)
+
+
+def test_bench_triton_on_cpu_needs_interpreter(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(bench, "triton_available", lambda: True)
+    with pytest.raises(SystemExit):
+        bench.main(["--backends", "triton", "--device", "cpu", "--skip", "parity,layer,sweep,maxpool,train"])
+    assert "needs TRITON_INTERPRET=1" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Tuple
 
 INHIBITIONS = ("none", "dropout", "local", "global")
@@ -31,6 +32,10 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name}={value!r} is invalid; expected a positive integer")
 
 
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_bool(name: str, value) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name}={value!r} is invalid; expected True or False")
@@ -48,10 +53,12 @@ class MoEConfig:
         inhibition: ``"none"``, ``"dropout"``, ``"local"`` or ``"global"``.
         gate_rank: rank ``r`` of the low-rank inhibition gate ``W_g = U V``; ``None`` for a full ``D x D`` gate.
         context_dims: feature widths of the context sources of global inhibition.
-        dropout_p: drop probability of the ``"dropout"`` inhibition.
+        dropout_p: drop probability of the ``"dropout"`` inhibition (default 0.75); only for that inhibition.
         score: ``"softmax"`` or ``"sigmoid"`` router scores.
         renormalize: divide the selected scores by their sum.
         capacity_factor: keep at most ``ceil(c * N * k / E)`` (token, slot) pairs per expert; ``None`` drops nothing.
+            The product is computed exactly with ``c`` as its shortest decimal form, so
+            ``c=1.1, N=90, k=1, E=3`` gives 33.
         activation: ``"swiglu"``, ``"gelu"`` or ``"relu"``.
         expert_bias: give the expert projections biases.
         router_bias: give the router a bias.
@@ -67,7 +74,7 @@ class MoEConfig:
     inhibition: str = "local"
     gate_rank: int | None = None
     context_dims: Tuple[int, ...] = field(default_factory=tuple)
-    dropout_p: float = 0.75
+    dropout_p: float | None = None
     score: str = "softmax"
     renormalize: bool = True
     capacity_factor: float | None = None
@@ -114,19 +121,30 @@ class MoEConfig:
         if dims and self.inhibition != "global":
             raise ValueError(f"context_dims={dims} needs inhibition='global', got inhibition={self.inhibition!r}")
 
-        if not (isinstance(self.dropout_p, (int, float)) and 0.0 <= self.dropout_p < 1.0):
+        if self.dropout_p is None:
+            object.__setattr__(self, "dropout_p", 0.75 if self.inhibition == "dropout" else None)
+        elif self.inhibition != "dropout":
+            raise ValueError(f"dropout_p={self.dropout_p!r} needs inhibition='dropout', got inhibition={self.inhibition!r}")
+        elif not (_is_real(self.dropout_p) and 0.0 <= self.dropout_p < 1.0):
             raise ValueError(f"dropout_p={self.dropout_p!r} is invalid; expected 0 <= dropout_p < 1")
+        else:
+            object.__setattr__(self, "dropout_p", float(self.dropout_p))
 
         for name in ("renormalize", "expert_bias", "router_bias", "inhibit_experts"):
             _check_bool(name, getattr(self, name))
         if self.capacity_factor is not None:
             c = self.capacity_factor
-            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
+            if not _is_real(c) or not math.isfinite(c) or c <= 0:
                 raise ValueError(f"capacity_factor={c!r} is invalid; expected a finite number > 0 or None")
+            object.__setattr__(self, "capacity_factor", float(c))
+            # The factor as an exact fraction of its shortest decimal form, for capacity().
+            ratio = Fraction(repr(float(c)))
+            object.__setattr__(self, "_capacity_ratio", (ratio.numerator, ratio.denominator))
         for name in ("load_balance_coef", "z_loss_coef"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not _is_real(value) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}={value!r} is invalid; expected a finite number >= 0")
+            object.__setattr__(self, name, float(value))
 
     @property
     def has_gate(self) -> bool:
@@ -137,4 +155,8 @@ class MoEConfig:
         """Return the maximum number of (token, slot) pairs per expert for ``num_tokens`` tokens."""
         if self.capacity_factor is None:
             return None
-        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+        # Integer arithmetic on the exact fraction: float products round up or down by one
+        # near whole numbers (1.1 * 90 / 3 is 33.000000000000004 in binary).
+        # It also keeps a symbolic num_tokens symbolic under torch.compile.
+        numerator, denominator = self._capacity_ratio
+        return -(-numerator * num_tokens * self.top_k // (denominator * self.num_experts))

@@ -108,17 +108,27 @@ def replace_moe_blocks(model: nn.Module, **options) -> List[str]:
     return [name for name, _ in targets]
 
 
-def add_inhibition(layer: InhibitedMoE, inhibition: str = "local", gate_rank=None, open_gate_bias: float = 4.0,
-                   **options) -> InhibitedMoE:
+def add_inhibition(layer, inhibition: str = "local", gate_rank=None, open_gate_bias: float = 4.0, **options):
     """Return a copy of ``layer`` with an inhibition gate that starts almost open.
 
     The gate starts with zero weights and a bias of ``open_gate_bias``, so the
     router input is ``sigmoid(open_gate_bias) * x`` (0.98 x for 4.0). Without a
     router bias that scales every logit by the same factor, which keeps each
     token's ranking of the experts, and fine-tuning trains the gate from there.
+
+    ``layer`` is an :class:`InhibitedMoE` or a :class:`SharedExpertMoE`; for the
+    latter the copy keeps the same shared expert and gate modules.
     """
     if inhibition not in ("local", "global"):
         raise ValueError(f"inhibition={inhibition!r} is invalid; add_inhibition adds a 'local' or 'global' gate")
+    if isinstance(layer, SharedExpertMoE):
+        moe = add_inhibition(layer.moe, inhibition, gate_rank, open_gate_bias, **options)
+        return SharedExpertMoE(moe, layer.shared_expert, layer.shared_expert_gate)
+    if not isinstance(layer, InhibitedMoE):
+        raise TypeError(
+            f"add_inhibition takes an InhibitedMoE or a SharedExpertMoE, got {type(layer).__name__}; "
+            f"convert a sparse MoE block with convert_block or replace_moe_blocks first"
+        )
     cfg = layer.config
     settings = {field: getattr(cfg, field) for field in cfg.__dataclass_fields__ if field not in
                 ("dim", "hidden_dim", "num_experts", "top_k", "inhibition", "gate_rank")}

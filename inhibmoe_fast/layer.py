@@ -77,11 +77,11 @@ class InhibitedMoE(MoEParameters):
 
     def forward(self, x: torch.Tensor, context=None) -> torch.Tensor:
         """Run the layer on ``x [..., D]``; ``context`` is one tensor or ``None`` per context source."""
-        tokens, sources = self.check_input(x, context)
-        backend = self.resolved_backend(x.device, x.dtype)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        backend = self.resolved_backend(x.device, self.router_weight.dtype)
         implementation = {"reference": reference, "torch": torch_backend, "triton": triton_backend}[backend]
-        y, self.aux = implementation.moe_forward(self, tokens, sources)
-        return y.reshape(x.shape)
+        return self.run(implementation.moe_forward, x, context)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self._backend!r}"

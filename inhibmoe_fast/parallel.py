@@ -66,7 +66,7 @@ class _LocalExperts(nn.Module):
     def __init__(self, layer: InhibitedMoE, first: int, count: int):
         super().__init__()
         self.config = dataclasses.replace(layer.config, num_experts=count, top_k=1, inhibition="none",
-                                          gate_rank=None, context_dims=(), capacity_factor=None)
+                                          dropout_p=None, gate_rank=None, context_dims=(), capacity_factor=None)
         for name in _EXPERT_PARAMETERS:
             tensor = getattr(layer, name)
             value = None if tensor is None else nn.Parameter(tensor.detach()[first:first + count].clone())
@@ -116,11 +116,15 @@ class ExpertParallelMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, context=None) -> torch.Tensor:
         """Run the layer on this rank's tokens ``x [..., D]``; return ``[..., D]``."""
-        cfg = self.routing.config
-        tokens, sources = self.routing.check_input(x, context)
+        y = self.routing.run(self._forward_tokens, x, context)
+        self.aux = self.routing.aux
+        return y
+
+    def _forward_tokens(self, routing_layer: InhibitedMoE, tokens: torch.Tensor, sources):
+        cfg = routing_layer.config
         num_tokens, k, world = tokens.shape[0], cfg.top_k, self.world_size
 
-        routing = torch_backend.route(self.routing, tokens, sources)
+        routing = torch_backend.route(routing_layer, tokens, sources)
         expert_input = routing.gated_input if cfg.inhibit_experts else tokens
         plan = plan_dispatch(routing.ids, cfg.num_experts, cfg.capacity(num_tokens), max_padding=0.0)
         send_rows = gather_tokens(expert_input, plan, k)  # grouped by expert, hence by owning rank
@@ -149,8 +153,8 @@ class ExpertParallelMoE(nn.Module):
 
         scores = routing.scores if routing.scores is not None else scores_from_logits(cfg, routing.logits)
         load_balance, z_loss, loss = auxiliary_losses(cfg, routing.logits, scores, plan.counts)
-        self.aux = MoEAux(routing.logits, routing.ids, weights, plan.counts, plan.kept, load_balance, z_loss, loss)
-        return y.to(x.dtype).reshape(x.shape)
+        aux = MoEAux(routing.logits, routing.ids, weights, plan.counts, plan.kept, load_balance, z_loss, loss)
+        return y.to(tokens.dtype), aux
 
 
 def _rows_by_expert(recv_counts: torch.Tensor) -> torch.Tensor:

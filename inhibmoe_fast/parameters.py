@@ -29,6 +29,7 @@ so both run as one matrix multiply; ``U = F`` for GELU and ReLU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -115,6 +116,24 @@ class MoEParameters(nn.Module):
             parts.append(f"capacity_factor={cfg.capacity_factor}")
         return ", ".join(parts)
 
+    def run(self, moe_forward, x: torch.Tensor, context=None) -> torch.Tensor:
+        """Check the input, run ``moe_forward(self, tokens, sources)``, store ``aux``; return ``[..., D]``.
+
+        Under ``torch.autocast`` the layer runs with autocast off, in the dtype of
+        its parameters, and ``x`` is cast to that dtype first: every backend then
+        computes the same thing, and the routing stays in float32 (float64 for a
+        float64 layer). To run the experts in bfloat16, convert the layer with
+        ``layer.to(torch.bfloat16)``.
+        """
+        autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
+        if autocast and x.is_floating_point():
+            x = x.to(self.router_weight.dtype)
+        tokens, sources = self.check_input(x, context)
+        scope = torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext()
+        with scope:
+            y, self.aux = moe_forward(self, tokens, sources)
+        return y.reshape(x.shape)
+
     def check_input(self, x: torch.Tensor, context=None):
         """Validate ``x`` (and the context sources) against the parameters; return ``x`` flattened to ``[N, D]``."""
         cfg = self.config
@@ -135,8 +154,23 @@ class MoEParameters(nn.Module):
                 f"x is on {x.device} but the layer parameters are on {weight.device}; move one of them, "
                 f"for example layer.to({str(x.device)!r})"
             )
+        self._check_parameters()
         sources = self._check_context(context, x)
         return x.reshape(-1, cfg.dim), sources
+
+    def _check_parameters(self) -> None:
+        weight = self.router_weight
+        for name, parameter in self.named_parameters():
+            if parameter.dtype != weight.dtype:
+                raise TypeError(
+                    f"parameter {name} has dtype {parameter.dtype} but router_weight has {weight.dtype}; "
+                    f"the layer's parameters must share one dtype, for example layer.to({weight.dtype})"
+                )
+            if parameter.device != weight.device:
+                raise ValueError(
+                    f"parameter {name} is on {parameter.device} but router_weight is on {weight.device}; "
+                    f"the layer's parameters must share one device, for example layer.to({str(weight.device)!r})"
+                )
 
     def _check_context(self, context, x):
         cfg = self.config

@@ -181,6 +181,4 @@ class ReferenceMoE(MoEParameters):
     """
 
     def forward(self, x: torch.Tensor, context=None) -> torch.Tensor:
-        tokens, sources = self.check_input(x, context)
-        y, self.aux = moe_forward(self, tokens, sources)
-        return y.reshape(x.shape)
+        return self.run(moe_forward, x, context)

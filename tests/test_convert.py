@@ -87,6 +87,22 @@ def test_inhibition_for_fine_tuning():
     assert inhibited.inhibit_bias.grad.abs().sum() > 0
 
 
+def test_inhibition_for_fine_tuning_keeps_shared_expert():
+    model = tiny_qwen2_moe(True)
+    replace_moe_blocks(model)
+    tokens = torch.randint(0, 97, (2, 7))
+    before = model(tokens).logits
+    for decoder_layer in model.model.layers:
+        decoder_layer.mlp = add_inhibition(decoder_layer.mlp, "local", gate_rank=4)
+    block = model.model.layers[0].mlp
+    assert isinstance(block, SharedExpertMoE) and block.moe.config.inhibition == "local"
+    after = model(tokens).logits
+    assert after.shape == before.shape
+    assert not torch.equal(after, before), "the gate scales the router input by sigmoid(4)"
+    after.sum().backward()
+    assert block.moe.inhibit_bias.grad is not None and block.shared_expert_gate.weight.grad is not None
+
+
 def test_conversion_errors():
     model = tiny_mixtral()
     with pytest.raises(TypeError, match="cannot convert Linear"):
@@ -95,3 +111,5 @@ def test_conversion_errors():
         convert_block(model.model.layers[0].mlp, score="sigmoid")
     with pytest.raises(ValueError, match="inhibition='none' is invalid"):
         add_inhibition(convert_block(model.model.layers[0].mlp), "none")
+    with pytest.raises(TypeError, match="add_inhibition takes an InhibitedMoE or a SharedExpertMoE, got Linear"):
+        add_inhibition(torch.nn.Linear(3, 3), "local")

@@ -30,7 +30,10 @@ LAYERS = [InhibitedMoE, ReferenceMoE]
         ((8, 4, 4, 2), {"inhibition": "none", "gate_rank": 2}, r"gate_rank=2 needs inhibition"),
         ((8, 4, 4, 2), {"inhibition": "local", "context_dims": (3,)}, r"context_dims=\(3,\) needs inhibition='global'"),
         ((8, 4, 4, 2), {"inhibition": "global", "context_dims": (3, 0)}, r"context_dims\[1\]=0"),
-        ((8, 4, 4, 2), {"dropout_p": 1.0}, r"dropout_p=1.0"),
+        ((8, 4, 4, 2), {"inhibition": "dropout", "dropout_p": 1.0}, r"dropout_p=1.0 is invalid"),
+        ((8, 4, 4, 2), {"inhibition": "dropout", "dropout_p": False}, r"dropout_p=False is invalid"),
+        ((8, 4, 4, 2), {"inhibition": "local", "dropout_p": 0.5}, r"dropout_p=0.5 needs inhibition='dropout'"),
+        ((8, 4, 4, 2), {"capacity_factor": True}, r"capacity_factor=True is invalid"),
         ((8, 4, 4, 2), {"load_balance_coef": -1}, r"load_balance_coef=-1"),
         ((8, 4, 4, 2), {"inhibition": "global", "context_dims": 3}, r"context_dims=3 is invalid; expected a tuple"),
         ((8, 4, 4, 2), {"renormalize": "no"}, r"renormalize='no' is invalid; expected True or False"),
@@ -79,6 +82,22 @@ def test_dtype_mismatch_rejected(cls):
     layer = cls(8, 4, 4, 2)
     with pytest.raises(TypeError, match=r"x has dtype torch.float64 but the layer parameters are torch.float32"):
         layer(torch.randn(3, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_parameter_dtype_mismatch_names_the_parameter(cls):
+    layer = cls(8, 4, 4, 2)
+    layer.expert_up.data = layer.expert_up.data.double()
+    with pytest.raises(TypeError, match=r"parameter expert_up has dtype torch.float64 but router_weight has torch.float32"):
+        layer(torch.randn(3, 8))
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_parameter_device_mismatch_names_the_parameter(cls):
+    layer = cls(8, 4, 4, 2)
+    layer.expert_down = torch.nn.Parameter(torch.empty(layer.expert_down.shape, device="meta"))
+    with pytest.raises(ValueError, match=r"parameter expert_down is on meta but router_weight is on cpu"):
+        layer(torch.randn(3, 8))
 
 
 @pytest.mark.parametrize("cls", LAYERS)

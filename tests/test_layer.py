@@ -163,3 +163,50 @@ def test_torch_compile_matches_eager(options):
     compiled.sum().backward()
     assert torch.allclose(compiled, eager, atol=1e-5)
     assert torch.allclose(x.grad, eager_grad, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "factor,tokens,top_k,experts,expected",
+    [
+        (1.1, 90, 1, 3, 33),  # 1.1 * 90 / 3 is 33.000000000000004 in float arithmetic
+        (1.1, 30, 1, 3, 11),
+        (0.3, 10, 1, 1, 3),  # 0.3 * 10 is 3.0000000000000004 in float arithmetic
+        (1.25, 10, 2, 4, 7),  # 6.25 rounds up
+        (2, 5, 1, 5, 2),
+    ],
+)
+def test_capacity_is_exact(factor, tokens, top_k, experts, expected):
+    layer = InhibitedMoE(4, 4, experts, top_k, capacity_factor=factor)
+    assert layer.config.capacity(tokens) == expected
+
+
+def test_numpy_numbers_accepted_as_options():
+    np = pytest.importorskip("numpy")
+    layer = InhibitedMoE(np.int64(8), 4, 4, 2, inhibition="dropout", capacity_factor=np.float32(1.0),
+                         dropout_p=np.float64(0.25), load_balance_coef=np.float32(0.5))
+    cfg = layer.config
+    assert (cfg.capacity_factor, cfg.dropout_p, cfg.load_balance_coef) == (1.0, 0.25, 0.5)
+    assert all(type(v) is float for v in (cfg.capacity_factor, cfg.dropout_p, cfg.load_balance_coef))
+
+
+def test_dropout_p_default_only_for_dropout():
+    assert InhibitedMoE(8, 4, 4, 2, inhibition="dropout").config.dropout_p == 0.75
+    assert InhibitedMoE(8, 4, 4, 2, inhibition="local").config.dropout_p is None
+
+
+@pytest.mark.parametrize("cls,backend", [(ReferenceMoE, None), (InhibitedMoE, "reference"), (InhibitedMoE, "torch")])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_runs_in_parameter_dtype(cls, backend, input_dtype):
+    """Under autocast the layer casts x to its parameters' dtype and computes as without autocast."""
+    torch.manual_seed(0)
+    layer = cls(16, 12, 6, 2, inhibition="local") if backend is None else cls(16, 12, 6, 2, inhibition="local", backend=backend)
+    x = torch.randn(4, 5, 16).to(input_dtype).requires_grad_()
+    expected = layer(x.detach().float())
+    expected_logits = layer.aux.logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float32
+    assert torch.equal(layer.aux.logits, expected_logits), "routing must not run in bfloat16 under autocast"
+    assert torch.equal(y, expected)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.dtype == input_dtype

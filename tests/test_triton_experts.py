@@ -286,6 +286,19 @@ def test_bad_arguments_are_named():
 # ---------------------------------------------------------------------------
 
 
+def test_layer_under_autocast_runs_in_parameter_dtype():
+    torch.manual_seed(0)
+    layer = InhibitedMoE(16, 12, 6, 2, backend="triton", device=DEVICE, inhibition="local")
+    x = torch.randn(3, 16, device=DEVICE).to(torch.bfloat16)
+    expected = layer(x.float())
+    expected_logits = layer.aux.logits
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.float32
+    assert torch.equal(layer.aux.logits, expected_logits)
+    assert torch.equal(y, expected)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_layer_matches_reference(name):
     options = CONFIGS[name]

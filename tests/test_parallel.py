@@ -59,6 +59,10 @@ def _worker(rank, world_size, store_path, experts):
             assert torch.allclose(summed, expected, atol=1e-12), f"rank {rank}: summed grad of {name}"
     finally:
         dist.destroy_process_group()
+    # With PyTorch 2.14.1, a process that ran a backward through the functional all_to_all
+    # sometimes aborts at interpreter exit ("terminate called without an active exception"),
+    # after all its work. The worker has passed its checks here, so it skips that teardown.
+    os._exit(0)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

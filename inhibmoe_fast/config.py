@@ -41,6 +41,19 @@ def _check_bool(name: str, value) -> None:
         raise ValueError(f"{name}={value!r} is invalid; expected True or False")
 
 
+def _capacity_ratio(factor: float) -> Tuple[int, int]:
+    """Return ``factor`` as (numerator, denominator) of the nearest fraction with denominator <= 10**6.
+
+    Small terms keep ``numerator * N * k`` inside int64 when torch.compile turns the capacity
+    into a symbolic expression, whereas the shortest decimal form of 4/3 has 17 digits. A factor
+    that would round to 0 keeps its shortest decimal form instead, whose terms are small.
+    """
+    exact = Fraction(repr(factor))
+    near = exact.limit_denominator(10**6)
+    ratio = near if near > 0 else exact
+    return ratio.numerator, ratio.denominator
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     """Shapes and options of an inhibited MoE layer.
@@ -57,8 +70,8 @@ class MoEConfig:
         score: ``"softmax"`` or ``"sigmoid"`` router scores.
         renormalize: divide the selected scores by their sum.
         capacity_factor: keep at most ``ceil(c * N * k / E)`` (token, slot) pairs per expert; ``None`` drops nothing.
-            The product is computed exactly with ``c`` as its shortest decimal form, so
-            ``c=1.1, N=90, k=1, E=3`` gives 33.
+            The product is computed exactly with ``c`` as the nearest fraction whose denominator
+            is at most 10**6, so ``c=1.1, N=90, k=1, E=3`` gives 33 and ``c=4/3`` is exactly 4/3.
         activation: ``"swiglu"``, ``"gelu"`` or ``"relu"``.
         expert_bias: give the expert projections biases.
         router_bias: give the router a bias.
@@ -137,9 +150,7 @@ class MoEConfig:
             if not _is_real(c) or not math.isfinite(c) or c <= 0:
                 raise ValueError(f"capacity_factor={c!r} is invalid; expected a finite number > 0 or None")
             object.__setattr__(self, "capacity_factor", float(c))
-            # The factor as an exact fraction of its shortest decimal form, for capacity().
-            ratio = Fraction(repr(float(c)))
-            object.__setattr__(self, "_capacity_ratio", (ratio.numerator, ratio.denominator))
+            object.__setattr__(self, "_capacity_ratio", _capacity_ratio(float(c)))
         for name in ("load_balance_coef", "z_loss_coef"):
             value = getattr(self, name)
             if not _is_real(value) or not math.isfinite(value) or value < 0:
@@ -151,6 +162,12 @@ class MoEConfig:
         """Whether the layer has a learned inhibition gate."""
         return self.inhibition in ("local", "global")
 
+    def __setstate__(self, state: dict) -> None:
+        # Configs pickled by earlier versions of the package lack the cached ratio.
+        self.__dict__.update(state)
+        if state.get("capacity_factor") is not None and "_capacity_ratio" not in state:
+            object.__setattr__(self, "_capacity_ratio", _capacity_ratio(state["capacity_factor"]))
+
     def capacity(self, num_tokens: int) -> int | None:
         """Return the maximum number of (token, slot) pairs per expert for ``num_tokens`` tokens."""
         if self.capacity_factor is None:
@@ -159,4 +176,8 @@ class MoEConfig:
         # near whole numbers (1.1 * 90 / 3 is 33.000000000000004 in binary).
         # It also keeps a symbolic num_tokens symbolic under torch.compile.
         numerator, denominator = self._capacity_ratio
+        if numerator * self.top_k >= denominator * self.num_experts:
+            # c * k / E >= 1: an expert can hold every token, so none is dropped. Returning N
+            # keeps the buffers small and the integers below int64 for a huge factor.
+            return num_tokens
         return -(-numerator * num_tokens * self.top_k // (denominator * self.num_experts))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 
@@ -178,6 +180,28 @@ def test_torch_compile_matches_eager(options):
 def test_capacity_is_exact(factor, tokens, top_k, experts, expected):
     layer = InhibitedMoE(4, 4, experts, top_k, capacity_factor=factor)
     assert layer.config.capacity(tokens) == expected
+
+
+def test_capacity_ratio_has_small_terms():
+    """A factor such as 4/3 becomes the fraction 4/3, so the symbolic capacity of a compiled
+    layer stays inside int64; a factor too large to drop anything keeps every token."""
+    cfg = InhibitedMoE(4, 4, 4, 2, capacity_factor=4 / 3).config
+    assert cfg._capacity_ratio == (4, 3)
+    assert cfg.capacity(3 * 10**12) == 2 * 10**12
+    assert InhibitedMoE(4, 4, 4, 2, capacity_factor=1e-7).config._capacity_ratio == (1, 10**7)
+    for factor in (2.0, 1e20):
+        assert InhibitedMoE(4, 4, 4, 2, capacity_factor=factor).config.capacity(10**15) == 10**15
+
+
+def test_config_pickled_without_capacity_ratio_loads():
+    """Layers saved whole by earlier versions hold configs without the cached capacity ratio."""
+    cfg = InhibitedMoE(4, 4, 3, 1, capacity_factor=1.1).config
+    state = dict(cfg.__dict__)
+    del state["_capacity_ratio"]
+    restored = object.__new__(type(cfg))
+    restored.__setstate__(state)
+    assert restored.capacity(90) == 33
+    assert pickle.loads(pickle.dumps(cfg)).capacity(90) == 33
 
 
 def test_numpy_numbers_accepted_as_options():

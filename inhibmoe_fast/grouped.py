@@ -61,6 +61,17 @@ def _group_bounds(ends: List[int]):
         start = end
 
 
+def _row_or_column_major(weight: torch.Tensor) -> bool:
+    """Return whether every ``weight[g]`` is a row- or column-major matrix, as grouped_mm needs.
+
+    The gradient of a sum or of an expand has zero strides, which it does not take.
+    """
+    groups, rows, cols = weight.stride()
+    if weight.shape[0] > 1 and groups == 0:
+        return False
+    return (cols == 1 and rows >= max(1, weight.shape[2])) or (rows == 1 and cols >= max(1, weight.shape[1]))
+
+
 def _grouped_forward(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, ends: Optional[List[int]]):
     """Compute ``x[rows of g] @ weight[g].T`` for every group.
 
@@ -68,9 +79,7 @@ def _grouped_forward(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tenso
     """
     x = x.contiguous()
     if _use_grouped_mm(x, weight.shape[1], weight.shape[2]):
-        if 1 not in (weight.stride(1), weight.stride(2)) or weight.stride(0) == 0:
-            # grouped_mm takes each group's matrix in row- or column-major order only (an
-            # expanded gradient, for example, has zero strides).
+        if not _row_or_column_major(weight):
             weight = weight.contiguous()
         return F.grouped_mm(x, weight.transpose(1, 2), offs=offsets)
     if ends is None:

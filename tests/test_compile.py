@@ -207,6 +207,16 @@ def test_grouped_linear_op_matches_mm(shape):
     assert_close(weight.grad, expected_grad_w, "grad of weight", atol, rtol)
 
 
+# Weight strides of gradients that reach the op in a double backward: sums over one or more
+# dimensions expand with zero strides, which grouped_mm takes only in some patterns.
+@pytest.mark.parametrize("strides", [(8, 1, 0), (12, 0, 1), (8, 0, 1), (0, 12, 1), (0, 0, 1), (1, 0, 0)], ids=str)
+def test_grouped_linear_op_takes_any_weight_strides(strides):
+    x, weight, _, offsets = _opcheck_args(9, 12, 8, torch.float32)
+    strided = torch.randn(128).as_strided(weight.shape, strides)
+    expected = grouped_linear_op(x, strided.contiguous(), offsets)
+    assert_close(grouped_linear_op(x, strided, offsets), expected, "output", *TOLERANCES[torch.float32])
+
+
 def test_grouped_linear_op_gradgradcheck():
     x, weight, grad_y, offsets = _opcheck_args(*OPCHECK_SHAPES[2])
     x, weight, grad_y = x.requires_grad_(), weight.requires_grad_(), grad_y.requires_grad_()

@@ -130,8 +130,12 @@ def add_inhibition(layer, inhibition: str = "local", gate_rank=None, open_gate_b
             f"convert a sparse MoE block with convert_block or replace_moe_blocks first"
         )
     cfg = layer.config
-    settings = {field: getattr(cfg, field) for field in cfg.__dataclass_fields__ if field not in
-                ("dim", "hidden_dim", "num_experts", "top_k", "inhibition", "gate_rank")}
+    # The gate's own settings come from the arguments. dropout_p belongs to the dropout
+    # inhibition only, and the context sources to the global one only.
+    skipped = {"dim", "hidden_dim", "num_experts", "top_k", "inhibition", "gate_rank", "dropout_p"}
+    if inhibition != "global":
+        skipped.add("context_dims")
+    settings = {field: getattr(cfg, field) for field in cfg.__dataclass_fields__ if field not in skipped}
     settings.update(options)
     new = InhibitedMoE(cfg.dim, cfg.hidden_dim, cfg.num_experts, cfg.top_k, backend=layer.backend,
                        device=layer.router_weight.device, dtype=layer.router_weight.dtype,

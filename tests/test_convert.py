@@ -113,3 +113,16 @@ def test_conversion_errors():
         add_inhibition(convert_block(model.model.layers[0].mlp), "none")
     with pytest.raises(TypeError, match="add_inhibition takes an InhibitedMoE or a SharedExpertMoE, got Linear"):
         add_inhibition(torch.nn.Linear(3, 3), "local")
+
+
+@pytest.mark.parametrize("source", [dict(inhibition="dropout"), dict(inhibition="global", context_dims=(5,))])
+@pytest.mark.parametrize("target", ["local", "global"])
+def test_add_inhibition_replaces_other_inhibitions(source, target):
+    """The options of the old inhibition (dropout_p, context sources) carry over only where the new one takes them."""
+    layer = InhibitedMoE(8, 6, 4, 2, **source)
+    inhibited = add_inhibition(layer, target)
+    assert inhibited.config.inhibition == target
+    assert inhibited.config.dropout_p is None
+    keeps_context = target == "global" and source["inhibition"] == "global"
+    assert inhibited.config.context_dims == (source["context_dims"] if keeps_context else ())
+    assert torch.equal(inhibited.router_weight, layer.router_weight)

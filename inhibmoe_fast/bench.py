@@ -503,11 +503,13 @@ def _at_least(minimum: int):
 _positive = _at_least(1)
 
 
-def _choice_list(choices: Sequence[str]):
+def _choice_list(choices: Sequence[str], allow_empty: bool = False):
     """Return an argparse type that takes a comma-separated list of names from ``choices``."""
 
     def parse(text: str) -> List[str]:
         items = _comma_list(text)
+        if not items and not allow_empty:
+            raise argparse.ArgumentTypeError(f"empty list; expected some of {','.join(choices)}")
         unknown = [item for item in items if item not in choices]
         if unknown:
             raise argparse.ArgumentTypeError(f"unknown name(s) {', '.join(unknown)}; expected some of {','.join(choices)}")
@@ -616,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--maxpool-sizes", type=parse_sizes, default=parse_sizes("4096x256x1024,65536x1024x4096"),
                         help="maxpool_align sizes as N_INxCxN_OUT[,...]; default 4096x256x1024,65536x1024x4096")
     parser.add_argument("--train-epochs", type=_positive, default=1, help="epochs of the digits training run; default 1")
-    parser.add_argument("--skip", type=_choice_list(PARTS), default=[],
+    parser.add_argument("--skip", type=_choice_list(PARTS, allow_empty=True), default=[],
                         help="comma-separated parts to skip: parity, layer, sweep, maxpool, train")
     parser.add_argument("--out", default="results", help="folder for the CSV files and plots; default ./results")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
@@ -634,9 +636,16 @@ def main(argv=None) -> int:
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            parser.error(f"--device {args.device!r} is invalid; expected cpu, cuda, cuda:N or auto")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise SystemExit(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     gpu_with_triton = device.type == "cuda" and triton_available()
     if args.backends is None:
         args.backends = ["torch", "triton"] if gpu_with_triton else ["torch"]
@@ -645,6 +654,10 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown provider(s) {', '.join(unknown)}; --inhibitions takes {','.join(INHIBITIONS)} "
                          f"and --baselines takes {','.join(BASELINES)}")
+    if not args.inhibitions:
+        parser.error(f"--inhibitions is empty; expected some of {','.join(INHIBITIONS)}")
+    if "triton" in args.backends and args.dtype == "float64":
+        parser.error("--backends triton takes float32, bfloat16 or float16; got --dtype float64")
     if "triton" in args.backends and not triton_available():
         parser.error("--backends triton needs the triton package, which is not installed")
     if "triton" in args.backends and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -128,8 +128,9 @@ def parse_sizes(text: str) -> List[Tuple[int, int, int]]:
     sizes = []
     for item in text.split(","):
         parts = item.lower().split("x")
-        if len(parts) != 3 or not all(part.strip().isdigit() for part in parts):
-            raise argparse.ArgumentTypeError(f"size {item!r} is invalid; expected N_INxCxN_OUT, e.g. 65536x1024x4096")
+        if len(parts) != 3 or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
+            raise argparse.ArgumentTypeError(
+                f"size {item!r} is invalid; expected N_INxCxN_OUT of positive integers, e.g. 65536x1024x4096")
         sizes.append(tuple(int(part) for part in parts))
     return sizes
 
@@ -144,6 +145,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="sizes as N_INxCxN_OUT[,...]; default 4096x256x1024,1024x256x4096,65536x1024x4096")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; default 5")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats} is invalid; expected a positive integer")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is invalid; expected cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r} is invalid; expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
 
     rows = bench_maxpool(args.device, getattr(torch, args.dtype), args.sizes, args.repeats)
     from .bench import print_table

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import re
 import csv
 import os
+import re
 
 import pytest
 import torch
 
-from inhibmoe_fast import bench
+from inhibmoe_fast import bench, bench_maxpool
 
 TINY = ["--device", "cpu", "--tokens", "64", "--dim", "16", "--hidden", "8", "--experts", "4", "--top-k", "2",
         "--low-rank", "4", "--repeats", "1", "--warmup", "0", "--matmul-size", "64", "--no-progress"]
@@ -110,11 +110,33 @@ def test_bench_rejects_bad_size():
         (["--expert-sweep", "4x8"], r"argument --expert-sweep: expert point '4x8' is invalid"),
         (["--experts", "1", "--top-k", "2"], r"top_k=2 is larger than experts=1"),
         (["--expert-sweep", "1"], r"top_k=2 is larger than experts=1"),
+        (["--backends", ""], r"argument --backends: empty list"),
+        (["--inhibitions", ""], r"--inhibitions is empty"),
+        (["--dtype", "float64", "--backends", "torch,triton"], r"--backends triton takes float32"),
+        (["--maxpool-sizes", "0x8x16"], r"argument --maxpool-sizes: size '0x8x16' is invalid"),
     ],
 )
 def test_bench_rejects_bad_options(args, pattern, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(args + ["--skip", "parity,layer,sweep,maxpool,train", "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert re.search(pattern, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("device", ["foo", "meta", "cuda:x"])
+def test_bench_rejects_bad_device(device, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", device, "--skip", "parity,layer,sweep,maxpool,train"])
+    assert exit_info.value.code == 2
+    assert f"--device {device!r} is invalid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,pattern", [(["--repeats", "0"], r"--repeats 0 is invalid"),
+                                          (["--device", "foo"], r"--device 'foo' is invalid"),
+                                          (["--sizes", "8x0x4"], r"size '8x0x4' is invalid")])
+def test_bench_maxpool_rejects_bad_options(args, pattern, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_maxpool.main(args)
     assert exit_info.value.code == 2
     assert re.search(pattern, capsys.readouterr().err)
 

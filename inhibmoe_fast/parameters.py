@@ -54,6 +54,14 @@ def _uniform(shape, fan_in, device, dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, device=device, dtype=dtype).uniform_(-bound, bound))
 
 
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Return whether autocast is on for ``device_type``, and False for device types autocast does not know (meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
 class MoEParameters(nn.Module):
     """Parameters of an inhibited MoE layer, laid out as the module docstring lists."""
 
@@ -125,7 +133,7 @@ class MoEParameters(nn.Module):
         float64 layer). To run the experts in bfloat16, convert the layer with
         ``layer.to(torch.bfloat16)``.
         """
-        autocast = isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type)
+        autocast = isinstance(x, torch.Tensor) and _autocast_enabled(x.device.type)
         if autocast and x.is_floating_point():
             x = x.to(self.router_weight.dtype)
         tokens, sources = self.check_input(x, context)

@@ -105,6 +105,8 @@ def test_device_mismatch_rejected(cls):
     layer = cls(8, 4, 4, 2, device="meta")
     with pytest.raises(ValueError, match=r"x is on cpu but the layer parameters are on meta"):
         layer(torch.randn(3, 8))
+    with pytest.raises(ValueError, match=r"x is on meta but the layer parameters are on cpu"):
+        cls(8, 4, 4, 2)(torch.randn(3, 8, device="meta"))
 
 
 @pytest.mark.parametrize("cls", LAYERS)

@@ -19,6 +19,7 @@ import glob
 import os
 import re
 import shutil
+import sys
 
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
 
@@ -74,8 +75,18 @@ def extension_modules():
 
     sources = sorted(glob.glob("csrc/*.cpp"))
     cxx_flags = ["-O3"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is an OpenMP loop in the ATen headers, so without -fopenmp it runs on one
+        # thread. The process already has PyTorch's libgomp loaded, and the extension uses that one.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    # Without it GCC keeps the branches of float comparisons (they could raise floating-point
+    # exceptions, which the package never reads), and loops with a select do not vectorize.
+    cxx_flags.append("-fno-trapping-math")
     if not use_cuda:
-        return [CppExtension("inhibmoe_fast._C", sources, extra_compile_args={"cxx": cxx_flags})]
+        return [CppExtension("inhibmoe_fast._C", sources, extra_compile_args={"cxx": cxx_flags},
+                             extra_link_args=link_flags)]
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
     return [
@@ -83,6 +94,7 @@ def extension_modules():
             "inhibmoe_fast._C",
             sources + sorted(glob.glob("csrc/*.cu")),
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_link_args=link_flags,
         )
     ]
 

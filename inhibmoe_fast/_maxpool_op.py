@@ -1,7 +1,8 @@
 """Python registration of the ``torch.ops.inhibmoe_fast`` maxpool_align operators.
 
-Importing the compiled extension ``inhibmoe_fast._C`` defines the operators and
-their CPU (and, when built, CUDA) kernels. This module adds what
+The compiled extension ``inhibmoe_fast._C`` (imported by
+:mod:`inhibmoe_fast._extension`) defines the operators and their CPU (and,
+when built, CUDA) kernels. This module adds what
 ``torch.compile`` and autograd need: fake kernels that compute output shapes
 without data, and autograd formulas. The backward operators are differentiable
 too (their gradient is a gather), so double backward works.
@@ -16,14 +17,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-try:
-    from . import _C  # noqa: F401  (the import registers the operators)
-except ImportError as exc:
-    AVAILABLE = False
-    IMPORT_ERROR: Optional[ImportError] = exc
-else:
-    AVAILABLE = True
-    IMPORT_ERROR = None
+from ._extension import AVAILABLE, IMPORT_ERROR  # noqa: F401  (IMPORT_ERROR is read by ops)
 
 _SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 

@@ -6,10 +6,14 @@ The weight gradient of each group is written straight into its slice of one
 ``[G, out, in]`` tensor, so the backward never builds a full-size gradient per
 group.
 
-Where ``torch.nn.functional.grouped_mm`` accepts the inputs (float32, bfloat16
-or float16 on the CPU, bfloat16 on Hopper and Blackwell GPUs, rows 16-byte
-aligned) it runs every group in one call, forward and backward. Other inputs (float64, odd widths) go through a loop over
-the non-empty groups that calls ``torch.mm`` with ``out=`` slices.
+On the CPU, with at least ``MIN_GROUPS_PER_THREAD`` groups per thread, the
+operators ``inhibmoe_fast::grouped_mm_rows`` and ``grouped_mm_weight_grad`` of
+the compiled extension run each group's product on one thread, all threads at
+once. Otherwise, where ``torch.nn.functional.grouped_mm`` accepts the inputs
+(float32, bfloat16 or float16 on the CPU, bfloat16 on Hopper and Blackwell
+GPUs, rows 16-byte aligned), it runs every group in one call, forward and
+backward. Other inputs (float64, odd widths) go through a loop over the
+non-empty groups that calls ``torch.mm`` with ``out=`` slices.
 
 Eager calls run an ``autograd.Function`` that reuses the host copy of ``ends``
 in the backward. With ``create_graph=True`` the backward runs through
@@ -30,7 +34,19 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from . import _extension
+
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# The CPU operators keep one group per thread. With fewer groups than this per thread some
+# threads would idle, and the multithreaded products of grouped_mm or mm are used instead.
+MIN_GROUPS_PER_THREAD = 2
+
+
+def _use_cpu_operators(x: torch.Tensor, groups: int) -> bool:
+    """Return whether the extension's one-group-per-thread CPU operators take rows ``x`` in ``groups`` groups."""
+    return (_extension.AVAILABLE and x.device.type == "cpu" and x.is_floating_point()
+            and groups >= MIN_GROUPS_PER_THREAD * torch.get_num_threads())
 
 
 def _use_grouped_mm(x: torch.Tensor, *widths: int) -> bool:
@@ -78,6 +94,8 @@ def _grouped_forward(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tenso
     ``ends`` is ``offsets`` as a host list, or ``None`` to read it only when the loop needs it.
     """
     x = x.contiguous()
+    if _use_cpu_operators(x, weight.shape[0]):
+        return torch.ops.inhibmoe_fast.grouped_mm_rows(x, weight, offsets.tolist() if ends is None else ends)
     if _use_grouped_mm(x, weight.shape[1], weight.shape[2]):
         if not _row_or_column_major(weight):
             weight = weight.contiguous()
@@ -93,6 +111,8 @@ def _grouped_forward(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tenso
 def _grouped_weight_grad(grad_y: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, ends: Optional[List[int]]):
     """Compute ``grad_y[rows of g].T @ x[rows of g]`` for every group; return ``[G, out, in]``."""
     grad_y, x = grad_y.contiguous(), x.contiguous()
+    if _use_cpu_operators(x, offsets.shape[0]):
+        return torch.ops.inhibmoe_fast.grouped_mm_weight_grad(grad_y, x, offsets.tolist() if ends is None else ends)
     if _use_grouped_mm(x, grad_y.shape[1], x.shape[1]):
         return F.grouped_mm(grad_y.t(), x, offs=offsets)
     if ends is None:

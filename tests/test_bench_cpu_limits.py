@@ -63,8 +63,10 @@ def test_limits_use_higher_matmul_rate(monkeypatch):
      ["--tokens", "40", "--experts", "3", "--dim", "10", "--hidden", "13"]],  # odd widths
 )
 def test_limits_credit_the_flops_done(shape, monkeypatch):
-    # The FLOP counter does not count grouped_mm, so the grouped layout runs its loop of mm here.
+    # The FLOP counter counts neither grouped_mm nor the extension's grouped operators, so the
+    # grouped layout runs its loop of mm here.
     monkeypatch.setattr(grouped, "_use_grouped_mm", lambda *args: False)
+    monkeypatch.setattr(grouped, "MIN_GROUPS_PER_THREAD", float("inf"))
     args = bench_cpu_limits.parse_args(["--dim", "16", "--hidden", "8", *shape])
     products, credited, layout = bench_cpu_limits.dispatched_products(args)
     if layout == "grouped":

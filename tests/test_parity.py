@@ -80,12 +80,12 @@ def test_global_with_missing_source(layout):
 
 def test_eval_mode_dropout_is_identity():
     reference, fast = make_layers(inhibition="dropout", dropout_p=0.5)
-    plain, _ = make_layers(inhibition="none")
-    for layer in (reference, fast, plain):
+    plain_reference, plain_fast = make_layers(inhibition="none")
+    for layer in (reference, fast, plain_reference, plain_fast):
         layer.eval()
     x, _ = _inputs(torch.float64)
-    assert torch.equal(fast(x), plain(x))
-    assert torch.equal(reference(x), plain(x))
+    assert torch.equal(fast(x), plain_fast(x))
+    assert torch.equal(reference(x), plain_reference(x))
 
 
 def test_bfloat16_close_to_float64_reference():

@@ -16,11 +16,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _extension
+from . import _extension, settings
 
 
 def _use_cpu_operators(projected: torch.Tensor) -> bool:
-    return _extension.AVAILABLE and projected.device.type == "cpu" and projected.dim() == 2
+    return (_extension.AVAILABLE and settings.cpu_operators_enabled() and projected.device.type == "cpu"
+            and projected.dim() == 2)
 
 
 class _SwiGLU(torch.autograd.Function):

@@ -8,7 +8,11 @@ of two measurements taken before and after the other rows:
 
 - ``layer``: the layer as the main bench times it. Every step starts with the
   gradients set to ``None``, as ``optimizer.zero_grad()`` does.
-- ``layer, freed memory kept``: the same in a child process whose glibc
+- ``layer, CPU operators off``: the same with
+  ``settings.set_cpu_operators(False)``, so the expert products and SwiGLU run
+  as PyTorch operations instead of the extension's operators. The ratio of
+  this row to the first is the speed-up those operators give.
+- ``layer, freed memory kept``: the layer in a child process whose glibc
   allocator keeps freed memory (``MALLOC_MMAP_THRESHOLD_`` and
   ``MALLOC_TRIM_THRESHOLD_``). Its steps reuse pages instead of faulting in
   fresh ones. Only on Linux with glibc.
@@ -42,6 +46,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from . import settings
 from .bench import layer_flops
 from .dispatch import gather_tokens, plan_dispatch
 from .layer import InhibitedMoE
@@ -75,6 +80,16 @@ def time_layer(args) -> float:
         layer(x).backward(grad)
 
     return time_ms(step, _CPU, args.repeats, args.warmup)["median"]
+
+
+def time_layer_without_cpu_operators(args) -> float:
+    """Return :func:`time_layer` with the extension's CPU operators turned off."""
+    enabled = settings.cpu_operators_enabled()
+    settings.set_cpu_operators(False)
+    try:
+        return time_layer(args)
+    finally:
+        settings.set_cpu_operators(enabled)
 
 
 def _time_layer_keeping_memory(args) -> Tuple[Optional[float], str]:
@@ -176,6 +191,7 @@ def measure(args) -> Dict[str, object]:
     """Run every measurement; return the matmul rate in GFLOP/s and the table rows."""
     rate = matmul_rate(_CPU, torch.float32, args.matmul_size)
     layer_ms = time_layer(args)
+    plain_ms = time_layer_without_cpu_operators(args)
     layer_model_flops = 3 * layer_flops(
         args.tokens, args.dim, args.hidden, args.experts, args.top_k, "none", None, "swiglu"
     )
@@ -185,6 +201,7 @@ def measure(args) -> Dict[str, object]:
     best_case, best_case_flops = best_case_products(args)
     rows: List[Dict[str, object]] = [
         {"measurement": "layer", "ms": layer_ms, "flops": layer_model_flops},
+        {"measurement": "layer, CPU operators off", "ms": plain_ms, "flops": layer_model_flops},
         {"measurement": "layer, freed memory kept", "ms": kept_ms, "flops": layer_model_flops, "status": kept_status},
         {"measurement": "expert products, layer dispatch", "ms": dispatched_ms, "flops": dispatched_flops},
         {"measurement": "outside the expert products (layer minus the row above)", "ms": layer_ms - dispatched_ms,

@@ -1,4 +1,4 @@
-"""Package-wide settings: deterministic mode.
+"""Package-wide settings: deterministic mode and the extension's CPU operators.
 
 In deterministic mode (the default) the Triton expert kernels run with one
 fixed launch configuration per GPU generation, so the same inputs give the same
@@ -10,6 +10,12 @@ same bits in both modes: no kernel of the package accumulates with atomics.
 
 ``torch.use_deterministic_algorithms(True)`` also turns the mode on. The
 environment variable ``INHIBMOE_FAST_DETERMINISTIC=0`` sets the initial value off.
+
+The CPU operators of the compiled extension (grouped expert products run one
+group per thread, and SwiGLU in one pass) are on by default where the
+extension is built. Turned off, the CPU path runs the same steps with PyTorch
+operations, which give the same results up to rounding. The environment
+variable ``INHIBMOE_FAST_CPU_OPERATORS=0`` sets the initial value off.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 import torch
 
 _deterministic = os.environ.get("INHIBMOE_FAST_DETERMINISTIC", "1") != "0"
+_cpu_operators = os.environ.get("INHIBMOE_FAST_CPU_OPERATORS", "1") != "0"
 
 
 def set_deterministic(enabled: bool) -> None:
@@ -32,3 +39,16 @@ def set_deterministic(enabled: bool) -> None:
 def is_deterministic() -> bool:
     """Return True when deterministic mode is on (set here or by ``torch.use_deterministic_algorithms``)."""
     return _deterministic or torch.are_deterministic_algorithms_enabled()
+
+
+def set_cpu_operators(enabled: bool) -> None:
+    """Turn the extension's CPU operators on or off for the whole process."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    global _cpu_operators
+    _cpu_operators = enabled
+
+
+def cpu_operators_enabled() -> bool:
+    """Return True when the CPU path may use the extension's CPU operators."""
+    return _cpu_operators

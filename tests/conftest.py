@@ -25,7 +25,7 @@ CPU_BACKENDS = ["reference", "torch"]
 if importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1":
     CPU_BACKENDS.append("triton")
 
-from inhibmoe_fast import InhibitedMoE, ReferenceMoE, grouped, torch_backend
+from inhibmoe_fast import InhibitedMoE, ReferenceMoE, settings, torch_backend
 
 FAST_BACKENDS = ["torch"]
 
@@ -82,11 +82,11 @@ def assert_close(actual, expected, name, atol, rtol):
 def layout(request, monkeypatch):
     """Force the fast path's expert layout and products, so each test covers every combination.
 
-    ``grouped`` runs the extension's one-group-per-thread CPU operators where they
-    apply, and ``grouped-no-extension`` the PyTorch products they replace.
+    ``grouped`` runs the extension's CPU operators where they apply, and
+    ``grouped-no-extension`` the PyTorch operations they replace.
     """
     ratio = float("inf") if request.param == "padded" else 0.0
     monkeypatch.setattr(torch_backend, "PADDED_LAYOUT_MAX_RATIO", ratio)
     if request.param == "grouped-no-extension":
-        monkeypatch.setattr(grouped, "MIN_GROUPS_PER_THREAD", float("inf"))
+        monkeypatch.setattr(settings, "_cpu_operators", False)
     return request.param

@@ -17,7 +17,7 @@ from inhibmoe_fast import bench_cpu_limits, grouped
 TINY = ["--tokens", "32", "--dim", "16", "--hidden", "8", "--experts", "4", "--top-k", "2", "--repeats", "1",
         "--warmup", "0", "--matmul-size", "32"]
 ROW_NAMES = [
-    "layer", "layer, freed memory kept", "expert products, layer dispatch",
+    "layer", "layer, CPU operators off", "layer, freed memory kept", "expert products, layer dispatch",
     "outside the expert products (layer minus the row above)", "expert products, best case",
     "fresh pages of one weight gradient",
 ]
@@ -40,6 +40,8 @@ def test_limits_measure_every_row():
     layer = rows["layer"]
     assert layer["gflops"] == pytest.approx(layer["flops"] / (layer["ms"] / 1e3) / 1e9)
     assert layer["of_matmul_rate"] == pytest.approx(layer["gflops"] / result["matmul_gflops"])
+    assert rows["layer, CPU operators off"]["flops"] == layer["flops"]
+    assert inhibmoe_fast.settings.cpu_operators_enabled(), "the row restores the setting"
     if HAS_GLIBC:
         assert rows["layer, freed memory kept"]["ms"] > 0
     outside = rows["outside the expert products (layer minus the row above)"]

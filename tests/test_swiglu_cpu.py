@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TOLERANCES, assert_close
-from inhibmoe_fast import _extension, activations
+from inhibmoe_fast import _extension, activations, grouped, settings
 
 pytestmark = pytest.mark.skipif(not _extension.AVAILABLE, reason="inhibmoe_fast._C is not built")
 
@@ -110,3 +110,16 @@ def test_operators_match_pytorch_path(dtype, monkeypatch):
 def test_bad_arguments_rejected(call, pattern):
     with pytest.raises(RuntimeError, match=pattern):
         call()
+
+
+def test_setting_turns_operators_off():
+    projected = torch.randn(4, 6)
+    settings.set_cpu_operators(False)
+    try:
+        assert not activations._use_cpu_operators(projected)
+        assert not grouped._use_cpu_operators(projected, 1000)
+    finally:
+        settings.set_cpu_operators(True)
+    assert activations._use_cpu_operators(projected)
+    with pytest.raises(TypeError, match="enabled must be a bool, got int"):
+        settings.set_cpu_operators(0)

@@ -99,8 +99,29 @@ def extension_modules():
     ]
 
 
+def import_installed_kernels_package():
+    """Import an installed top-level package named ``kernels``, if any, before setuptools does.
+
+    setuptools runs the egg_info writers of every installed distribution. The writer of
+    Hugging Face's kernels package (a dependency of transformers) imports kernels._internals,
+    and with the checkout root first on sys.path that import would find this project's
+    kernels/ folder instead and fail. Once imported, the installed package stays in sys.modules.
+    """
+    root = os.path.dirname(os.path.abspath(__file__))
+    saved = sys.path[:]
+    sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != root]
+    try:
+        import kernels  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        sys.path[:] = saved
+
+
 def main():
     from setuptools import setup
+
+    import_installed_kernels_package()
 
     ext_modules = extension_modules()  # first, because it sets CUDA_HOME for torch.utils.cpp_extension
     from torch.utils.cpp_extension import BuildExtension

@@ -19,7 +19,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <numeric>
 #include <vector>
 
 #include <ATen/ATen.h>

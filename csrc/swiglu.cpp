@@ -14,9 +14,10 @@
 // CPU has AVX2. Other dtypes compute each element in their opmath type with
 // std::exp. Inputs may have any strides; outputs are contiguous.
 
-#include <bit>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include <ATen/ATen.h>
@@ -58,7 +59,9 @@ inline float exp_float(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const float scale = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
   float result = p * scale;
   result = x > 88.0f ? std::numeric_limits<float>::infinity() : result;
   result = x < -87.0f ? 0.0f : result;

@@ -9,10 +9,11 @@
 // silu and silu_backward. Each pass reads and writes every element once, where
 // the same computation from PyTorch operations takes three to five passes.
 //
-// float32 runs a loop the compiler vectorizes, with its own exp (below); on
-// x86-64 Linux it is also compiled for AVX2 and picked at load time when the
-// CPU has AVX2. Other dtypes compute each element in their opmath type with
-// std::exp. Inputs may have any strides; outputs are contiguous.
+// float32 runs a loop the compiler vectorizes, with its own exp (below). On
+// x86-64 Linux that loop is also compiled for AVX2, and the AVX2 version is
+// picked at load time when the CPU has AVX2. Other dtypes compute each element
+// in their opmath type with std::exp. Inputs may have any strides, and outputs
+// are contiguous.
 
 #include <algorithm>
 #include <cmath>
@@ -42,11 +43,11 @@ constexpr int64_t kTaskWork = 32768;
 // exp(x) for float32, written without calls or branches so that loops over it
 // vectorize. x = n ln2 + r with |r| <= ln2 / 2, then exp(r) by its degree-7 Taylor
 // polynomial (truncation error below 1e-8 relative) and 2^n by the exponent bits.
-// NaN stays NaN. Results flush to 0 below exp(-87) and overflow to inf above
-// exp(88), slightly before the float range ends at exp(88.72). In silu and its
-// gradient that changes results by less than 1e-36.
+// NaN stays NaN, and results overflow to inf where float does (above 88.72283).
+// Results below exp(-86) flush to 0. silu and its gradient only add them to 1,
+// which they do not change.
 inline float exp_float(float x) {
-  const float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float clamped = x < -86.0f ? -86.0f : (x > 88.72283f ? 88.72283f : x);
   // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
   const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   // ln 2 in two parts, so that n times the first part is exact.
@@ -59,12 +60,13 @@ inline float exp_float(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  float result = p * scale;
-  result = x > 88.0f ? std::numeric_limits<float>::infinity() : result;
-  result = x < -87.0f ? 0.0f : result;
+  // 2^(n-1), then times 2: n reaches 128 at the top of the range, and 2^128 is not a float.
+  const int32_t bits = (static_cast<int32_t>(n) + 126) << 23;
+  float half_scale;
+  std::memcpy(&half_scale, &bits, sizeof(half_scale));
+  float result = p * half_scale * 2.0f;
+  result = x > 88.72283f ? std::numeric_limits<float>::infinity() : result;
+  result = x < -86.0f ? 0.0f : result;
   return x != x ? x : result;
 }
 

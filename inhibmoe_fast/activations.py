@@ -16,11 +16,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _extension, settings
+from . import _cpu_operators, settings
 
 
 def _use_cpu_operators(projected: torch.Tensor) -> bool:
-    return (_extension.AVAILABLE and settings.cpu_operators_enabled() and projected.device.type == "cpu"
+    return (_cpu_operators.AVAILABLE and settings.cpu_operators_enabled() and projected.device.type == "cpu"
             and projected.dim() == 2)
 
 

@@ -34,7 +34,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from . import _extension, settings
+from . import _cpu_operators, settings
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -45,7 +45,7 @@ MIN_GROUPS_PER_THREAD = 2
 
 def _use_cpu_operators(x: torch.Tensor, groups: int) -> bool:
     """Return whether the extension's one-group-per-thread CPU operators take rows ``x`` in ``groups`` groups."""
-    return (_extension.AVAILABLE and settings.cpu_operators_enabled() and x.device.type == "cpu"
+    return (_cpu_operators.AVAILABLE and settings.cpu_operators_enabled() and x.device.type == "cpu"
             and x.is_floating_point() and groups >= MIN_GROUPS_PER_THREAD * torch.get_num_threads())
 
 

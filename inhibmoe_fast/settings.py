@@ -9,13 +9,13 @@ rounding of the matrix products. Within one process, repeated calls give the
 same bits in both modes: no kernel of the package accumulates with atomics.
 
 ``torch.use_deterministic_algorithms(True)`` also turns the mode on. The
-environment variable ``INHIBMOE_FAST_DETERMINISTIC=0`` sets the initial value off.
+environment variable ``INHIBMOE_FAST_DETERMINISTIC=0`` (or false, no, off) sets the initial value off.
 
 The CPU operators of the compiled extension (grouped expert products run one
 group per thread, and SwiGLU in one pass) are on by default where the
 extension is built. Turned off, the CPU path runs the same steps with PyTorch
 operations, which give the same results up to rounding. The environment
-variable ``INHIBMOE_FAST_CPU_OPERATORS=0`` sets the initial value off.
+variable ``INHIBMOE_FAST_CPU_OPERATORS=0`` (or false, no, off) sets the initial value off.
 """
 
 from __future__ import annotations
@@ -24,8 +24,20 @@ import os
 
 import torch
 
-_deterministic = os.environ.get("INHIBMOE_FAST_DETERMINISTIC", "1") != "0"
-_cpu_operators = os.environ.get("INHIBMOE_FAST_CPU_OPERATORS", "1") != "0"
+
+
+def _environment_flag(name: str) -> bool:
+    """Return the value of an on/off environment variable, True when it is unset."""
+    value = os.environ.get(name, "1").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={os.environ[name]!r} is invalid; expected 1, true, yes, on, 0, false, no or off")
+
+
+_deterministic = _environment_flag("INHIBMOE_FAST_DETERMINISTIC")
+_cpu_operators = _environment_flag("INHIBMOE_FAST_CPU_OPERATORS")
 
 
 def set_deterministic(enabled: bool) -> None:

@@ -109,3 +109,20 @@ def test_bad_arguments_rejected(call, pattern):
     x, weight, grad_y = _inputs(10, 6, 4, 3)
     with pytest.raises(RuntimeError, match=pattern):
         call(x, weight, grad_y)
+
+
+def test_operators_are_differentiable():
+    ends, _ = _bounds([2, 0, 3])
+    x, weight, grad_y = _inputs(ends[-1], 3, 2, 3)
+    x, weight, grad_y = x.requires_grad_(), weight.requires_grad_(), grad_y.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: ops.grouped_mm_rows(x, w, ends), (x, weight))
+    assert torch.autograd.gradgradcheck(lambda x, w: ops.grouped_mm_rows(x, w, ends), (x, weight))
+    assert torch.autograd.gradcheck(lambda gy, x: ops.grouped_mm_weight_grad(gy, x, ends), (grad_y, x))
+    assert torch.autograd.gradgradcheck(lambda gy, x: ops.grouped_mm_weight_grad(gy, x, ends), (grad_y, x))
+
+
+def test_operators_have_fake_kernels():
+    x = torch.empty(10, 6, device="meta")
+    weight = torch.empty(3, 4, 6, device="meta")
+    assert ops.grouped_mm_rows(x, weight, [3, 4, 10]).shape == (10, 4)
+    assert ops.grouped_mm_weight_grad(torch.empty(10, 4, device="meta"), x, [3, 4, 10]).shape == (3, 4, 6)

@@ -9,13 +9,15 @@ rounding of the matrix products. Within one process, repeated calls give the
 same bits in both modes: no kernel of the package accumulates with atomics.
 
 ``torch.use_deterministic_algorithms(True)`` also turns the mode on. The
-environment variable ``INHIBMOE_FAST_DETERMINISTIC=0`` (or false, no, off) sets the initial value off.
+environment variable ``INHIBMOE_FAST_DETERMINISTIC=0`` (or false, no, off)
+sets the initial value off.
 
 The CPU operators of the compiled extension (grouped expert products run one
 group per thread, and SwiGLU in one pass) are on by default where the
 extension is built. Turned off, the CPU path runs the same steps with PyTorch
 operations, which give the same results up to rounding. The environment
-variable ``INHIBMOE_FAST_CPU_OPERATORS=0`` (or false, no, off) sets the initial value off.
+variable ``INHIBMOE_FAST_CPU_OPERATORS=0`` (or false, no, off) sets the
+initial value off.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import os
 
 import torch
-
 
 
 def _environment_flag(name: str) -> bool:
